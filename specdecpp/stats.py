@@ -1,0 +1,94 @@
+"""The statistics record of one generation, and the paper's rates derived from it in one place.
+
+Names follow vLLM's spec-decode metrics where one exists (mean acceptance length, draft acceptance rate,
+per-position acceptance); verification and discard rates are the SpecDec++ paper's Pareto axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Round:
+    drafted: int  # candidate length K of this round
+    accepted: int  # leading candidates kept
+    stop: str  # why drafting stopped: "policy", "limit" (round maximum or token budget) or "eos"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0  # target forwards; the first one also prefills the prompt
+    draft_calls: int = 0  # draft forwards
+    rounds: list[Round] = field(default_factory=list)
+    draft_s: float = 0.0
+    head_s: float = 0.0  # time inside the policy's keep_drafting (the acceptance head for SpecDec++)
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    hindsight: bool = False  # oracle: rounds are booked as if drafting stopped before the rejection
+
+    @property
+    def drafted(self) -> int:
+        return sum(r.drafted for r in self.rounds)
+
+    @property
+    def accepted(self) -> int:
+        return sum(r.accepted for r in self.rounds)
+
+    @property
+    def discarded(self) -> int:
+        return self.drafted - self.accepted
+
+    @property
+    def overhead_s(self) -> float:
+        return self.total_s - self.draft_s - self.head_s - self.verify_s
+
+    @property
+    def verification_rate(self) -> float:
+        """N_target / N: target calls per generated token."""
+        return self.target_calls / max(self.new_tokens, 1)
+
+    @property
+    def discard_rate(self) -> float:
+        """N_discarded / N: drafted-then-discarded tokens per generated token."""
+        return self.discarded / max(self.new_tokens, 1)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per target call (vLLM: 1 + accepted / rounds when every round ends in a target token)."""
+        return self.new_tokens / max(self.target_calls, 1)
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def per_position_acceptance(self) -> list[float]:
+        """Share of rounds that drafted position i whose token i was accepted, for i = 1, 2, ..."""
+        longest = max((r.drafted for r in self.rounds), default=0)
+        out = []
+        for i in range(1, longest + 1):
+            reached = [r for r in self.rounds if r.drafted >= i]
+            out.append(sum(r.accepted >= i for r in reached) / len(reached))
+        return out
+
+    def summary(self) -> dict:
+        """A flat dict of counts, times and derived rates (what a benchmark row holds)."""
+        row = {k: v for k, v in asdict(self).items() if k != "rounds"}
+        row.update(
+            rounds=len(self.rounds), drafted=self.drafted, accepted=self.accepted, discarded=self.discarded,
+            overhead_s=self.overhead_s, verification_rate=self.verification_rate, discard_rate=self.discard_rate,
+            mean_acceptance_length=self.mean_acceptance_length, draft_acceptance_rate=self.draft_acceptance_rate,
+            tokens_per_s=self.tokens_per_s,
+        )
+        return row
+
+    def to_dict(self) -> dict:
+        """Everything, per-round detail included (for JSONL records)."""
+        return {**self.summary(), "round_detail": [asdict(r) for r in self.rounds],
+                "per_position_acceptance": self.per_position_acceptance()}

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny in-process Llama models and tokenizers (no downloads), and the embedded pair."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 64, hidden: int = 32, sharpness: float = 1.0,
+               eos: int | None = None) -> LlamaForCausalLM:
+    """A randomly initialised Llama small enough for thousands of forwards per test.
+
+    `sharpness` scales the LM head so the next-token distributions are peaked rather than near-uniform.
+    """
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=None, eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    return model.eval().requires_grad_(False)
+
+
+def rolled_draft(target: LlamaForCausalLM, shift: int = 1) -> LlamaForCausalLM:
+    """The target with its LM head rows rolled: its argmax is never the target's argmax."""
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        draft.lm_head.weight.copy_(target.lm_head.weight.roll(shift, dims=0))
+    return draft
+
+
+def noisy_draft(target: LlamaForCausalLM, scale: float, seed: int = 1) -> LlamaForCausalLM:
+    """The target with Gaussian noise on every weight: partly agrees with it."""
+    draft = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+    return draft
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    target = tiny_llama(seed=0, layers=2, sharpness=4.0)
+    return target, noisy_draft(target, scale=0.6)
+
+
+@pytest.fixture(scope="session")
+def embedded_pair():
+    """The real SmolLM2-135M-Instruct target with its default self-draft (converted once, then cached)."""
+    from specdecpp import load_pair
+
+    return load_pair("default")

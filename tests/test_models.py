@@ -1,0 +1,69 @@
+import pytest
+import torch
+from conftest import tiny_llama, word_tokenizer
+
+from specdecpp import ConstantK, SamplingConfig, load_pair, self_draft
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+
+
+def save(tmp_path, name, model, tokenizer):
+    path = tmp_path / name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_load_pair_from_local_directories_and_generate(tmp_path):
+    tok = word_tokenizer(WORDS)
+    target = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    draft = save(tmp_path, "draft", tiny_llama(1, layers=1, vocab=len(tok)), tok)
+    pair = load_pair(target, draft)
+    out = pair.generate("the cat sat", ConstantK(2), SamplingConfig(0), max_new_tokens=8, chat=False)
+    assert len(out.tokens) <= 8 and isinstance(out.text, str)
+    assert pair.names == {"target": str(target), "draft": str(draft)}
+
+
+def test_mismatched_tokenizers_are_refused_naming_both_models(tmp_path):
+    tok_a, tok_b = word_tokenizer(WORDS), word_tokenizer(WORDS[::-1])  # same size, different ids
+    target = save(tmp_path, "target", tiny_llama(0, vocab=len(tok_a)), tok_a)
+    draft = save(tmp_path, "draft", tiny_llama(1, vocab=len(tok_b)), tok_b)
+    with pytest.raises(ValueError, match="different tokenizers") as err:
+        load_pair(target, draft)
+    assert str(target) in str(err.value) and str(draft) in str(err.value)
+
+
+def test_mismatched_vocabulary_sizes_are_refused(tmp_path):
+    tok = word_tokenizer(WORDS)
+    target = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    draft = save(tmp_path, "draft", tiny_llama(1, vocab=len(tok) + 6), tok)
+    with pytest.raises(ValueError, match="different vocabulary sizes"):
+        load_pair(target, draft)
+
+
+@pytest.mark.parametrize("ref", ["/nonexistent/model", "./missing-dir", "/tmp/nothing-here/model.gguf"])
+def test_missing_model_files_are_named(ref):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pair(ref, ref)
+
+
+def test_empty_text_prompt_is_refused(tmp_path):
+    tok = word_tokenizer(WORDS)
+    path = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    pair = load_pair(path, 1)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        pair.generate("   ", ConstantK(2))
+
+
+def test_self_draft_runs_the_first_k_layers_of_the_target():
+    target = tiny_llama(0, layers=4)
+    draft = self_draft(target, 2)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        hidden = target(ids, output_hidden_states=True).hidden_states[2]  # output of layer 2, before the final norm
+        expected = target.lm_head(target.model.norm(hidden))
+        assert torch.allclose(draft(ids).logits, expected, atol=1e-5)
+    assert draft.lm_head.weight.data_ptr() == target.lm_head.weight.data_ptr()  # shared, not copied
+    assert len(draft.model.layers) == 2 and len(target.model.layers) == 4
+    with pytest.raises(ValueError, match="num_layers < 4"):
+        self_draft(target, 4)

@@ -1,0 +1,102 @@
+"""Engine speed against transformers, measured side by side in one process on the same pair and prompts.
+
+Two ratios, greedy decoding:
+  * our engine at constant K  vs  `generate(assistant_model=draft, num_assistant_tokens=K, schedule="constant")`
+  * our engine, target only   vs  `model.generate`
+Runs are interleaved prompt by prompt (after a warm-up) so machine noise hits both sides alike; outputs are
+checked token for token. Prints a markdown table and writes it to --out.
+
+    python scripts/bench_engine.py --k 3 --new-tokens 64 --repeats 2 --out docs/engine-bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from specdecpp import ConstantK, SamplingConfig, TargetOnly, load_pair
+
+PROMPTS = [
+    "Give three tips for staying healthy.",
+    "Explain why the sky is blue in two sentences.",
+    "Write a Python function that reverses a string.",
+    "What are the main differences between a cat and a dog as pets?",
+    "Summarise the plot of Romeo and Juliet.",
+    "List five countries in Europe and their capitals.",
+]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    tokens = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return tokens, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--draft", default=None, help="model reference, or an int for a self-draft depth")
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    draft = int(args.draft) if args.draft and args.draft.isdigit() else args.draft
+    pair = load_pair(args.target, draft, dtype=args.dtype, device=args.device)
+    greedy = SamplingConfig(0)
+    n = args.new_tokens
+
+    def hf(ids, assisted):
+        extra = dict(assistant_model=pair.draft, num_assistant_tokens=args.k, num_assistant_tokens_schedule="constant",
+                     assistant_confidence_threshold=0.0) if assisted else {}
+        out = pair.target.generate(torch.tensor([ids], device=pair.device), max_new_tokens=n, do_sample=False, **extra)
+        return out[0, len(ids):].tolist()
+
+    methods = {
+        "ours constant K": lambda ids: pair.generate(ids, ConstantK(args.k), greedy, n).tokens,
+        "transformers assisted": lambda ids: hf(ids, True),
+        "ours target-only": lambda ids: pair.generate(ids, TargetOnly(), greedy, n).tokens,
+        "transformers generate": lambda ids: hf(ids, False),
+    }
+    encoded = [pair.encode(p) for p in PROMPTS]
+    for fn in methods.values():  # warm-up
+        fn(encoded[0][:8])
+    tokens = {m: 0 for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    mismatches = 0
+    for _ in range(args.repeats):
+        for ids in encoded:
+            outs = {}
+            for m, fn in methods.items():
+                outs[m], dt = timed(lambda: fn(ids))
+                tokens[m] += len(outs[m])
+                seconds[m] += dt
+            mismatches += len({tuple(o) for o in outs.values()}) != 1
+    tps = {m: tokens[m] / seconds[m] for m in methods}
+    lines = [
+        f"Pair: target `{args.target}`, draft `{pair.names['draft']}`, {args.dtype} on {args.device} "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}); greedy, K = {args.k}, "
+        f"{len(PROMPTS)} prompts x {args.repeats} repeats, up to {n} new tokens.", "",
+        "| method | tokens | seconds | tokens/s |", "|---|---|---|---|",
+        *[f"| {m} | {tokens[m]} | {seconds[m]:.1f} | {tps[m]:.2f} |" for m in methods], "",
+        f"- speculative, ours / transformers assisted: **{tps['ours constant K'] / tps['transformers assisted']:.2f}x**",
+        f"- target-only, ours / transformers generate: **{tps['ours target-only'] / tps['transformers generate']:.2f}x**",
+        f"- prompts whose four outputs differ: {mismatches}",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

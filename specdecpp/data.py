@@ -1,0 +1,367 @@
+"""Training data for the acceptance head (DESIGN.md section 2).
+
+Preparation, once per (models, prompts, sampling, lengths, seed):
+  1. the target samples a response X_1..X_L to each chat-wrapped prompt (batched, left padding);
+  2. one teacher-forced pass of each model over prompt + X gives, at every response position i, a draft
+     sample Y_i ~ q(. | prompt, X_<i) and its label p_acc_i = min(1, p(Y_i | .) / q(Y_i | .)), with the same
+     warping as decoding.
+Results go to safetensors shards, one per batch of prompts, each with a sha256 sidecar written after it:
+an interrupted run resumes at the first missing shard, and a damaged shard is detected and rebuilt.
+Every shard is seeded by its index, so a resumed run gives the same records as an uninterrupted one.
+
+At batch time, `MixedDataset` puts the target token X_i at position i with probability r (else Y_i),
+re-drawn every epoch from (seed, epoch, index); the loss covers exactly the draft-token positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from functools import partial
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .models import ModelPair, cache_dir, load_pair
+from .prompts import load_prompts
+from .sampling import SamplingConfig, acceptance_prob, probs, sample
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that changes the prepared records (and so the cache key), besides the models and prompts."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Record:
+    prompt: torch.Tensor  # [P] chat-wrapped prompt ids
+    target: torch.Tensor  # [L] X: the target's response
+    draft: torch.Tensor  # [L] Y: Y_i ~ q(. | prompt, X_<i)
+    p_acc: torch.Tensor  # [L] min(1, p(Y_i) / q(Y_i))
+    log_p: torch.Tensor  # [L] log p(Y_i)
+    log_q: torch.Tensor  # [L] log q(Y_i)
+
+
+def cache_key(names: dict, prompts: list[str], cfg: PrepareConfig) -> str:
+    blob = json.dumps({"models": names, "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
+                       "cfg": asdict(cfg), "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@torch.inference_mode()
+def sample_responses(model, prompts: list[list[int]], cfg: SamplingConfig, max_new_tokens: int,
+                     eos: set[int], pad_id: int, generator: torch.Generator) -> list[list[int]]:
+    """Batched sampling with left padding and a real attention mask; each response ends at its first EOS."""
+    batch, width = len(prompts), max(map(len, prompts))
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+    eos_t = torch.tensor(sorted(eos) or [-1], device=model.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    steps = []
+    for _ in range(max_new_tokens):
+        dist = probs(out.logits[:, -1], cfg)
+        tok = dist.argmax(-1) if cfg.greedy else sample(dist, generator)
+        tok = torch.where(done, pad_id, tok)
+        steps.append(tok)
+        done |= torch.isin(tok, eos_t)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+    responses = []
+    for row in torch.stack(steps, 1).tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        responses.append(row[:end])
+    return responses
+
+
+@torch.inference_mode()
+def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[list[int]], cfg: SamplingConfig,
+                    generator: torch.Generator) -> list[Record]:
+    """One teacher-forced pass of each model: Y_i ~ q(. | prompt, X_<i) and p_acc_i = min(1, p(Y_i) / q(Y_i))."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pair.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):  # right padding: real positions never attend to what follows them
+        ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+    ids, mask = ids.to(pair.device), mask.to(pair.device)
+    logits_p = pair.target(input_ids=ids, attention_mask=mask).logits
+    logits_q = pair.draft(input_ids=ids, attention_mask=mask).logits
+    records = []
+    for row, (p_ids, x) in enumerate(zip(prompts, responses)):
+        at = slice(len(p_ids) - 1, len(p_ids) + len(x) - 1)  # logits at position t predict token t + 1
+        p, q = probs(logits_p[row, at], cfg), probs(logits_q[row, at], cfg)  # [L, V]
+        y = q.argmax(-1) if cfg.greedy else sample(q, generator)
+        p_y, q_y = p.gather(-1, y[:, None])[:, 0], q.gather(-1, y[:, None])[:, 0]
+        records.append(Record(torch.tensor(p_ids), torch.tensor(x), y.cpu(), acceptance_prob(p_y, q_y).cpu(),
+                              p_y.log().cpu(), q_y.log().cpu()))
+    return records
+
+
+def _save_shard(path: Path, records: list[Record], index: list[int], skipped: int) -> None:
+    def flat(name):
+        return torch.cat([getattr(r, name) for r in records]) if records else torch.zeros(0)
+    tensors = {name: flat(name).contiguous() for name in ("prompt", "target", "draft", "p_acc", "log_p", "log_q")}
+    tensors["prompt_len"] = torch.tensor([len(r.prompt) for r in records], dtype=torch.long)
+    tensors["target_len"] = torch.tensor([len(r.target) for r in records], dtype=torch.long)
+    tensors["index"] = torch.tensor(index, dtype=torch.long)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"skipped": str(skipped)})
+    tmp.replace(path)
+    path.with_suffix(".sha256").write_text(_sha256(path))  # written last: its presence marks the shard complete
+
+
+def _load_shard(path: Path) -> tuple[list[Record], int] | None:
+    """The shard's records, or None if it is missing, incomplete or damaged."""
+    sidecar = path.with_suffix(".sha256")
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    if _sha256(path) != sidecar.read_text().strip():
+        log.warning("%s is damaged (checksum mismatch): rebuilding it", path)
+        return None
+    try:
+        t = {k: v.clone() for k, v in load_file(path).items()}  # own the memory: never a view of a file we may rewrite
+        with safe_open(path, "pt") as f:
+            skipped = int(f.metadata()["skipped"])
+    except (SafetensorError, KeyError, ValueError) as e:
+        log.warning("%s is unreadable (%s): rebuilding it", path, e)
+        return None
+    cuts = {k: [0, *t[f"{k}_len"].cumsum(0).tolist()] for k in ("prompt", "target")}
+    records = []
+    for i in range(len(t["index"])):
+        p, x = slice(cuts["prompt"][i], cuts["prompt"][i + 1]), slice(cuts["target"][i], cuts["target"][i + 1])
+        records.append(Record(t["prompt"][p], t["target"][x], t["draft"][x], t["p_acc"][x], t["log_p"][x],
+                              t["log_q"][x]))
+    return records, skipped
+
+
+def prepared_dir(names: dict, prompts: list[str], cfg: PrepareConfig, root: str | Path | None = None) -> Path:
+    return Path(root or cache_dir() / "data") / cache_key(names, prompts, cfg)
+
+
+def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Path, desc: str = "prepare") -> Path:
+    """Build (or finish building) the records of `prompts` in `out_dir`; shards already complete are kept."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(len(prompts) / cfg.batch_size)
+    eos = {pair.tokenizer.eos_token_id} if pair.tokenizer.eos_token_id is not None else set()
+    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    (out_dir / "config.json").write_text(json.dumps({"models": pair.names, "n_prompts": len(prompts),
+                                                     **asdict(cfg)}, indent=2))
+    limit = min(cfg.max_prompt_tokens, getattr(pair.target.config, "max_position_embeddings", 10**9)
+                - cfg.max_new_tokens)
+    for shard in tqdm(range(n_shards), desc=desc, unit="batch"):
+        path = out_dir / f"shard_{shard:05d}.safetensors"
+        if _load_shard(path) is not None:
+            continue
+        generator = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + shard)
+        lo = shard * cfg.batch_size
+        encoded = [(lo + i, pair.encode(p)) for i, p in enumerate(prompts[lo: lo + cfg.batch_size])]
+        kept = [(i, ids) for i, ids in encoded if len(ids) <= limit]
+        records = []
+        if kept:
+            ids = [k[1] for k in kept]
+            responses = sample_responses(pair.target, ids, cfg.sampling, cfg.max_new_tokens, eos, pad_id, generator)
+            records = label_responses(pair, ids, responses, cfg.sampling, generator)
+        _save_shard(path, records, [k[0] for k in kept], skipped=len(encoded) - len(kept))
+    (out_dir / "complete").write_text(str(n_shards))
+    return out_dir
+
+
+def load_prepared(out_dir: Path) -> tuple[list[Record], int]:
+    """All records of a completely prepared directory and how many prompts were skipped as too long."""
+    shards = sorted(out_dir.glob("shard_*.safetensors"))
+    if not (out_dir / "complete").is_file() or len(shards) != int((out_dir / "complete").read_text()):
+        raise FileNotFoundError(f"no complete prepared data in {out_dir}: run preparation (data.prepare: true)")
+    records, skipped = [], 0
+    for path in shards:
+        loaded = _load_shard(path)
+        if loaded is None:
+            raise ValueError(f"{path} is damaged: run preparation again to rebuild it")
+        records += loaded[0]
+        skipped += loaded[1]
+    return records, skipped
+
+
+def summarize(records: list[Record], skipped: int = 0) -> dict:
+    p_acc = torch.cat([r.p_acc for r in records]) if records else torch.zeros(0)
+    return {"prompts": len(records), "skipped_too_long": skipped, "positions": p_acc.numel(),
+            "mean_p_acc": float(p_acc.mean()) if p_acc.numel() else float("nan"),
+            "share_p_acc_above_0.9": float((p_acc > 0.9).float().mean()) if p_acc.numel() else float("nan"),
+            "share_p_acc_below_0.1": float((p_acc < 0.1).float().mean()) if p_acc.numel() else float("nan")}
+
+
+# --- batches ---------------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler yielding (index, epoch): the dataset draws each epoch's mixing from it.
+
+    Being a DistributedSampler, Lightning neither replaces it nor forgets to call `set_epoch` on it, so every
+    epoch re-draws both the order and the mixing, and each rank sees its own shard.
+    """
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in super().__iter__()])
+
+
+class MixedDataset(Dataset):
+    """Prompt + Z with Z_i = X_i (target token) with probability r, else Y_i (draft token).
+
+    Items: input_ids = prompt ++ Z; labels = p_acc at Z's positions; loss_mask = True exactly where Z_i = Y_i.
+    """
+
+    def __init__(self, records: list[Record], mixing_ratio: float = 0.15, seed: int = 0):
+        if not records:
+            raise ValueError("the prepared dataset is empty: no prompts survived preparation")
+        if not 0.0 <= mixing_ratio < 1.0:
+            raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
+        self.records, self.r, self.seed = records, mixing_ratio, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rec = self.records[index]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
+        use_target = torch.rand(len(rec.target), generator=g) < self.r
+        z = torch.where(use_target, rec.target, rec.draft)
+        n_prompt = len(rec.prompt)
+        return {
+            "input_ids": torch.cat([rec.prompt, z]),
+            "labels": torch.cat([torch.zeros(n_prompt), rec.p_acc]),
+            "loss_mask": torch.cat([torch.zeros(n_prompt, dtype=torch.bool), ~use_target]),
+        }
+
+
+def collate(items: list[dict], pad_id: int = 0) -> dict:
+    """Right-pad a batch; padding gets attention 0, label 0 and no loss."""
+    width = max(len(it["input_ids"]) for it in items)
+    out = {"input_ids": torch.full((len(items), width), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(items), width), dtype=torch.long),
+           "labels": torch.zeros((len(items), width)), "loss_mask": torch.zeros((len(items), width), dtype=torch.bool)}
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        out["input_ids"][row, :n], out["attention_mask"][row, :n] = it["input_ids"], 1
+        out["labels"][row, :n], out["loss_mask"][row, :n] = it["labels"], it["loss_mask"]
+    return out
+
+
+class AcceptanceDataModule(L.LightningDataModule):
+    """Mixed draft/target sequences with soft acceptance labels, prepared once per machine and cached.
+
+    Args:
+        target, draft: model references as in `load_pair` (draft may be a self-draft depth).
+        dataset: "alpaca", "humaneval", "gsm8k" or a JSON/JSONL(.gz) prompt file (its `prompt_field` is used).
+        data_dir: folder holding the local dataset copies (default $SPECDECPP_DATA_DIR or ../shared/data).
+        train_prompts, val_prompts: how many prompts of the train and dev splits (Alpaca; a file is split in order).
+        prepare: run preparation in `prepare_data` if the cache is missing; False makes a missing cache an error.
+    """
+
+    def __init__(self, target: str = "default", draft: str | int | None = None, dataset: str = "alpaca",
+                 data_dir: str | None = None, prompt_field: str = "prompt", train_prompts: int = 256,
+                 val_prompts: int = 64, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, max_prompt_tokens: int = 512, prepare_batch_size: int = 16, seed: int = 0,
+                 batch_size: int = 8, mixing_ratio: float = 0.15, num_workers: int = 0, prepare: bool = True,
+                 cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu"):
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= mixing_ratio < 1.0:
+            raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
+        self.prep = PrepareConfig(max_new_tokens, prepare_batch_size, seed, temperature, top_k, top_p,
+                                  max_prompt_tokens)
+        self.pad_id = 0
+        self.datasets: dict[str, MixedDataset] = {}
+
+    @property
+    def names(self) -> dict:
+        return {"target": str(self.hparams.target), "draft": str(self.hparams.draft)}
+
+    def split_prompts(self) -> dict[str, list[str]]:
+        h = self.hparams
+        if h.dataset == "alpaca":
+            return {"train": load_prompts("alpaca", "train", h.train_prompts, h.data_dir),
+                    "val": load_prompts("alpaca", "dev", h.val_prompts, h.data_dir)}
+        split = "test" if h.dataset in ("humaneval", "gsm8k") else None
+        bodies = load_prompts(h.dataset, split or "test", h.train_prompts + h.val_prompts, h.data_dir, h.prompt_field)
+        if len(bodies) < 2:
+            raise ValueError(f"{h.dataset}: need at least 2 prompts to make train and val splits")
+        n_val = min(h.val_prompts, len(bodies) // 2)
+        return {"train": bodies[:-n_val], "val": bodies[-n_val:]}
+
+    def dirs(self) -> dict[str, Path]:
+        return {split: prepared_dir(self.names, prompts, self.prep, self.hparams.cache_dir)
+                for split, prompts in self.split_prompts().items()}
+
+    def prepare_data(self) -> None:
+        dirs, prompts = self.dirs(), self.split_prompts()
+        todo = [s for s, d in dirs.items() if not (d / "complete").is_file()]
+        if not todo:
+            return
+        if not self.hparams.prepare:
+            raise FileNotFoundError(f"no prepared data at {dirs[todo[0]]} and data.prepare is false: "
+                                    "set data.prepare: true (or prepare it with the same settings first)")
+        h = self.hparams
+        pair = load_pair(h.target, h.draft, h.dtype, h.device)
+        for split in todo:
+            prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}")
+            print(f"[{split}] {summarize(*load_prepared(dirs[split]))}")
+
+    def setup(self, stage: str | None = None) -> None:
+        from .models import load_tokenizer
+
+        tok = load_tokenizer(self.hparams.target)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        for split, d in self.dirs().items():
+            records, _ = load_prepared(d)
+            self.datasets[split] = MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        ds = self.datasets[split]
+        return DataLoader(ds, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          sampler=EpochSampler(ds, world, rank, shuffle=shuffle, seed=self.hparams.seed),
+                          collate_fn=partial(collate, pad_id=self.pad_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)

@@ -1,0 +1,192 @@
+import json
+
+import pytest
+import torch
+from conftest import noisy_draft, tiny_llama, word_tokenizer
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper
+
+import specdecpp.data as data
+from specdecpp.data import (
+    AcceptanceDataModule, EpochSampler, MixedDataset, PrepareConfig, collate, load_prepared, prepare, sample_responses,
+    summarize,
+)
+from specdecpp.models import ModelPair
+from specdecpp.prompts import load_prompts
+from specdecpp.sampling import SamplingConfig
+
+WORDS = "the a cat dog sat ran on under mat tree big small red blue fast slow".split()
+PROMPTS = ["the cat sat on the mat", "a dog ran", "big red tree", "the small blue cat ran fast",
+           "a slow dog", "under the tree", "the cat", "red"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tok = word_tokenizer(WORDS)
+    target = tiny_llama(0, vocab=len(tok), sharpness=3.0, eos=0)
+    return ModelPair(target, noisy_draft(target, 0.5), tok, {"target": "tiny", "draft": "tiny-noisy"})
+
+
+CFG = PrepareConfig(max_new_tokens=12, batch_size=3, seed=1, temperature=0.9, top_k=10)
+
+
+def same_records(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.prompt, y.prompt) and torch.equal(x.target, y.target) and torch.equal(x.draft, y.draft)
+        assert torch.allclose(x.p_acc, y.p_acc, atol=1e-6)
+    return True
+
+
+def test_labels_match_an_independent_computation(pair, tmp_path):
+    records, _ = load_prepared(prepare(pair, PROMPTS, CFG, tmp_path))
+    warpers = [TemperatureLogitsWarper(CFG.temperature), TopKLogitsWarper(CFG.top_k)]
+    for rec in records:
+        ids = torch.cat([rec.prompt, rec.target])[None]
+        with torch.no_grad():  # unbatched, unpadded, transformers' own warpers
+            lp, lq = pair.target(ids).logits[0], pair.draft(ids).logits[0]
+        for i in range(len(rec.target)):
+            pos = len(rec.prompt) - 1 + i  # the logits at pos predict the token at pos + 1 = response token i
+            wp, wq = lp[pos][None], lq[pos][None]
+            for w in warpers:
+                wp, wq = w(None, wp), w(None, wq)
+            p, q = wp.softmax(-1)[0], wq.softmax(-1)[0]
+            y = rec.draft[i]
+            assert q[y] > 0  # Y_i was drawn from q
+            assert rec.p_acc[i] == pytest.approx(min(1.0, float(p[y] / q[y])), abs=1e-5)
+            assert rec.log_q[i] == pytest.approx(float(q[y].log()), abs=1e-4)
+    assert sum(len(r.target) for r in records) > 40
+
+
+def test_batched_left_padded_sampling_equals_one_prompt_at_a_time(pair):
+    encoded = [pair.encode(p) for p in PROMPTS[:5]]
+    g = torch.Generator().manual_seed(0)
+    batched = sample_responses(pair.target, encoded, SamplingConfig(0), 10, {0}, 0, g)
+    for ids, resp in zip(encoded, batched):
+        alone = pair.target.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=0,
+                                     pad_token_id=0)[0, len(ids):].tolist()
+        assert resp == alone[: len(resp)] and (len(resp) == 10 or resp[-1] == 0)
+
+
+def test_mixing_masks_exactly_the_draft_positions_and_redraws_each_epoch(pair, tmp_path):
+    records, _ = load_prepared(prepare(pair, PROMPTS, CFG, tmp_path))
+    ds = MixedDataset(records * 40, mixing_ratio=0.3, seed=5)
+    n_target = n_resp = 0
+    for index in range(len(ds)):
+        item, rec = ds[(index, 0)], ds.records[index]
+        n_p = len(rec.prompt)
+        assert not item["loss_mask"][:n_p].any()
+        z, m = item["input_ids"][n_p:], item["loss_mask"][n_p:]
+        assert torch.equal(z[m], rec.draft[m]) and torch.equal(z[~m], rec.target[~m])
+        assert torch.equal(item["labels"][n_p:][m], rec.p_acc[m])
+        n_target, n_resp = n_target + int((~m).sum()), n_resp + len(m)
+    share, sd = n_target / n_resp, (0.3 * 0.7 / n_resp) ** 0.5
+    assert abs(share - 0.3) < 5 * sd  # fails by chance with probability < 1e-6
+    assert torch.equal(ds[(3, 0)]["loss_mask"], ds[(3, 0)]["loss_mask"])  # seeded
+    assert any(not torch.equal(ds[(i, 0)]["loss_mask"], ds[(i, 1)]["loss_mask"]) for i in range(10))  # re-drawn
+
+
+def test_collate_right_pads_with_no_loss_on_padding(pair, tmp_path):
+    records, _ = load_prepared(prepare(pair, PROMPTS, CFG, tmp_path))
+    ds = MixedDataset(records)
+    items = [ds[i] for i in range(4)]
+    batch = collate(items, pad_id=0)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert not batch["loss_mask"][row, n:].any()
+
+
+def test_interrupted_preparation_resumes_without_loss_or_duplicates(pair, tmp_path, monkeypatch):
+    reference, _ = load_prepared(prepare(pair, PROMPTS, CFG, tmp_path / "whole"))
+    calls = {"n": 0}
+    real = data.label_responses
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of batch 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "label_responses", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(pair, PROMPTS, CFG, tmp_path / "resumed")
+    assert len(list((tmp_path / "resumed").glob("*.sha256"))) == 2
+    with pytest.raises(FileNotFoundError, match="no complete prepared data"):
+        load_prepared(tmp_path / "resumed")
+    calls["n"] = 10  # from here on the wrapper just counts
+    prepare(pair, PROMPTS, CFG, tmp_path / "resumed")
+    assert calls["n"] == 11  # only the missing shard (3 prompts per shard, 8 prompts: shards 0, 1, 2) was built
+    resumed, _ = load_prepared(tmp_path / "resumed")
+    assert same_records(resumed, reference)
+
+
+def test_damaged_shard_is_detected_and_rebuilt(pair, tmp_path):
+    out = prepare(pair, PROMPTS, CFG, tmp_path)
+    reference, _ = load_prepared(out)
+    shard = out / "shard_00001.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[-5] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="damaged"):
+        load_prepared(out)
+    prepare(pair, PROMPTS, CFG, out)
+    assert same_records(load_prepared(out)[0], reference)
+
+
+def test_too_long_prompts_are_skipped_and_counted(pair, tmp_path):
+    cfg = PrepareConfig(max_new_tokens=4, batch_size=4, max_prompt_tokens=3)
+    records, skipped = load_prepared(prepare(pair, PROMPTS, cfg, tmp_path))
+    assert skipped == sum(len(pair.encode(p)) > 3 for p in PROMPTS) > 0
+    assert len(records) == len(PROMPTS) - skipped
+    assert summarize(records, skipped)["skipped_too_long"] == skipped
+
+
+def test_epoch_sampler_shards_across_ranks_and_reshuffles():
+    ds = list(range(10))
+    ranks = [list(EpochSampler(ds, 2, r, shuffle=True, seed=0)) for r in range(2)]
+    assert sorted(i for r in ranks for i, _ in r) == list(range(10))
+    s = EpochSampler(ds, 1, 0, shuffle=True, seed=0)
+    first = [i for i, _ in s]
+    s.set_epoch(1)
+    assert [e for _, e in s] == [1] * 10 and [i for i, _ in s] != first
+
+
+def test_prompt_sources_and_bad_input(tmp_path):
+    assert load_prompts("gsm8k", limit=2)[0].endswith("### Response: Let's think step by step.")
+    assert "Create a Python script for this problem:" in load_prompts("humaneval", limit=1)[0]
+    train, dev = load_prompts("alpaca", "train", 50), load_prompts("alpaca", "dev", 50)
+    assert not set(train) & set(dev) and train == load_prompts("alpaca", "train", 50)  # fixed-seed split
+    with pytest.raises(FileNotFoundError, match="set data_dir"):
+        load_prompts("alpaca", "train", 5, data_dir=tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(str(empty))
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps([{"text": "hello"}]))
+    assert load_prompts(str(mine), field="text") == ["hello"]
+    with pytest.raises(ValueError, match="has no 'prompt' field"):
+        load_prompts(str(mine))
+    with pytest.raises(ValueError, match="is empty"):
+        MixedDataset([])
+
+
+def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
+    tok = word_tokenizer(WORDS)
+    target = tiny_llama(0, vocab=len(tok), sharpness=3.0, eos=0)
+    for name, model in {"t": target, "d": noisy_draft(target, 0.5)}.items():
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    kwargs = dict(target=str(tmp_path / "t"), draft=str(tmp_path / "d"), dataset=str(prompts), train_prompts=6,
+                  val_prompts=2, max_new_tokens=6, prepare_batch_size=4, batch_size=3, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="data.prepare: true"):
+        AcceptanceDataModule(**kwargs, prepare=False).prepare_data()
+    dm = AcceptanceDataModule(**kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 3 and batch["loss_mask"].any()
+    assert len(dm.datasets["train"]) == 6 and len(dm.datasets["val"]) == 2
+    AcceptanceDataModule(**kwargs, prepare=False).prepare_data()  # now cached: no error, no work

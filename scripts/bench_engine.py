@@ -80,6 +80,7 @@ def main() -> None:
                 tokens[m] += len(outs[m])
                 seconds[m] += dt
             mismatches += len({tuple(o) for o in outs.values()}) != 1
+            print("  ".join(f"{m}: {seconds[m]:.1f}s" for m in methods), flush=True)
     tps = {m: tokens[m] / seconds[m] for m in methods}
     lines = [
         f"Pair: target `{args.target}`, draft `{pair.names['draft']}`, {args.dtype} on {args.device} "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from .decoding import Generation, speculative_generate
 from .policies import LengthPolicy
@@ -83,11 +83,34 @@ def default_gguf() -> Path:
     return path
 
 
+def tiny_random(out_dir: Path | None = None) -> Path:
+    """A 4-layer, 64-wide random Llama with the embedded model's tokenizer: real prompts, seconds to run.
+
+    For tests and CI configs ("tiny-random"); its acceptance labels are real maths on meaningless weights.
+    """
+    out_dir = out_dir or cache_dir() / "models" / "tiny-random"
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    tok = AutoTokenizer.from_pretrained(resolve("default"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+    return out_dir
+
+
 def resolve(name_or_path: str | Path) -> str:
     """A model reference -> a directory or hub id. GGUF files are converted once; 'default' is the embedded model."""
     name = str(name_or_path)
     if name == "default":
         return str(convert_gguf(default_gguf()))
+    if name == "tiny-random":
+        return str(tiny_random())
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -211,9 +234,9 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
     target_model = load_model(target, dtype, device)
     tokenizer = load_tokenizer(target)
     if draft is None:
-        if str(target) != "default":
+        if str(target) not in ("default", "tiny-random"):
             raise ValueError("give a draft model (reference or self-draft depth) for a non-default target")
-        draft = DEFAULT_SELF_DRAFT_LAYERS
+        draft = DEFAULT_SELF_DRAFT_LAYERS if str(target) == "default" else 2
     if isinstance(draft, int):
         draft_model, draft_tok = self_draft(target_model, draft), None
     else:

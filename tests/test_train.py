@@ -1,0 +1,162 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from specdecpp.data import EpochSampler, MixedDataset, Record, collate
+from specdecpp.head import AcceptanceHead
+from specdecpp.module import AcceptanceHeadModule, binary_kl, weighted_bce
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_weighted_bce_matches_the_formula_computed_by_hand():
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0], [1.5, -0.4, 0.7, -2.2]])
+    labels = torch.tensor([[0.9, 0.1, 1.0, 0.5], [0.0, 0.6, 0.3, 0.8]])
+    mask = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    w = 6.0
+    num = den = 0.0
+    for z, p, m in zip(logits.flatten().tolist(), labels.flatten().tolist(), mask.flatten().tolist()):
+        if m:
+            p_hat = 1 / (1 + math.exp(-z))
+            num += w * (1 - p) * -math.log(1 - p_hat) + p * -math.log(p_hat)
+            den += w * (1 - p) + p
+    assert weighted_bce(logits, labels, mask, w).item() == pytest.approx(num / den, rel=1e-6)
+    # w_rej = 1 and hard labels: plain BCE
+    hard = (labels > 0.5).float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], hard[mask])
+    assert weighted_bce(logits, hard, mask, 1.0).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_binary_kl_is_zero_at_the_label_and_positive_elsewhere():
+    p = torch.tensor([0.0, 0.3, 1.0])
+    assert torch.allclose(binary_kl(p, p), torch.zeros(3), atol=1e-5)
+    assert (binary_kl(p, torch.tensor([0.5, 0.9, 0.2])) > 0).all()
+
+
+def test_head_blocks_are_independent_and_save_and_load(tmp_path):
+    sizes = [sum(p.numel() for p in AcceptanceHead(16, d).parameters()) for d in range(4)]
+    assert sizes == [17 + d * (16 * 16 + 16) for d in range(4)]  # no weight tying between blocks
+    head = AcceptanceHead(16, 3, {"name": "x", "hidden_size": 16})
+    x = torch.randn(5, 16)
+    loaded = AcceptanceHead.from_pretrained(head.save_pretrained(tmp_path / "h"))
+    assert torch.allclose(loaded(x), head(x)) and loaded.draft["name"] == "x"
+    with pytest.raises(ValueError, match="hidden size 16"):
+        loaded.check_draft(type("Cfg", (), {"hidden_size": 32})())
+
+
+def test_head_loads_the_upstream_checkpoint_layout(tmp_path):
+    h, depth = 8, 3
+    block_w, block_b = torch.randn(h, h), torch.randn(h)
+    out_w, out_b = torch.randn(2, h), torch.randn(2)
+    state = {f"model.{i}.linear.weight": block_w for i in range(depth)}  # upstream's blocks are one tied block
+    state |= {f"model.{i}.linear.bias": block_b for i in range(depth)}
+    state |= {f"model.{depth}.weight": out_w, f"model.{depth}.bias": out_b}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": h, "num_layers": depth}))
+    head = AcceptanceHead.from_pretrained(tmp_path)
+    x = torch.randn(4, h)
+    y = x
+    for _ in range(depth):
+        y = y + torch.nn.functional.silu(y @ block_w.T + block_b)
+    upstream_p_accept = (y @ out_w.T + out_b).softmax(-1)[:, 1]
+    assert torch.allclose(torch.sigmoid(head(x)), upstream_p_accept, atol=1e-5)
+
+
+def test_checkpoint_from_another_draft_is_refused():
+    module = AcceptanceHeadModule(target="tiny-random", draft=2)
+    module.configure_model()
+    other = {"name": "tiny-random:3", "hidden_size": 64, "num_layers": 3, "vocab_size": 49152}
+    with pytest.raises(ValueError, match="trained on draft"):
+        module.on_load_checkpoint({"draft_identity": other})
+
+
+def test_checkpoint_holds_the_head_not_the_draft():
+    module = AcceptanceHeadModule(target="tiny-random", draft=2)
+    module.configure_model()
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and all(k.startswith("head.") for k in ckpt["state_dict"])
+
+
+def toy_loaders(seed=0):
+    """A learnable task: acceptance is 1 for tokens 200..209 and 0 for tokens 300..309."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for _ in range(48):
+        draft = torch.cat([torch.arange(200, 210), torch.arange(300, 310)])[torch.randperm(20, generator=g)][:12]
+        label = (draft < 300).float()
+        records.append(Record(torch.tensor([1, 2, 3]), draft, draft, label, label, label))
+    ds = MixedDataset(records, mixing_ratio=0.0)
+    return [DataLoader(ds, batch_size=8, sampler=EpochSampler(ds, 1, 0, shuffle=s, seed=0), collate_fn=collate)
+            for s in (True, False)]
+
+
+def test_validation_loss_goes_down_on_a_learnable_toy_task(tmp_path):
+    L.seed_everything(0)
+    module = AcceptanceHeadModule(target="tiny-random", draft=2, num_layers=2, w_rej=1.0, lr=3e-3, warmup_ratio=0.0)
+    train, val = toy_loaders()
+    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    before = trainer.validate(module, val, verbose=False)[0]["val/loss"]
+    trainer.fit(module, train, val)
+    after = trainer.callback_metrics["val/loss"].item()
+    assert after < 0.5 * before and trainer.callback_metrics["val/auroc"] > 0.9
+
+
+def run(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def test_tiny_config_trains_end_to_end_and_logs_calibration(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run(["fit", "--config", "configs/train/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    assert f"acceptance head exported to {log_dir / 'head'}" in out.stdout
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/loss", "val/loss_const", "val/kl", "val/brier", "val/brier_soft", "val/ece", "val/ece_soft", "val/auroc",
+            "val/mean_pred", "val/mean_label", "val/stop_pred_k2", "val/stop_true_k2", "train/loss"} <= scalars
+    assert "val/reliability" in events.Tags()["images"]
+    assert AcceptanceHead.from_pretrained(log_dir / "head").hidden_size == 64
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs/train/tiny.yaml").read_text().replace("w_rej: 6.0", "w_reject: 6.0"))
+    out = run(["fit", "--config", str(bad)])
+    assert out.returncode != 0 and "w_reject" in out.stderr
+
+
+def test_fsdp_two_processes_shard_train_in_bf16_save_resume_and_export(tmp_path):
+    """2 ranks over gloo with FSDP2 (ModelParallelStrategy + fully_shard), bf16 autocast: the real sharding path."""
+    base = ["fit", "--config", "configs/train/tiny.yaml", "--config", "configs/train/fsdp_cpu.yaml",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+    first = run(base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    reports = [json.loads((log_dir / f"sharding_rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert report["world_size"] == 2 and report["precision"] == "bf16-mixed" and report["draft_sharded"]
+        w = report["head"]["blocks.0.linear.weight"]
+        assert w["placements"] == ["S(0)"] and w["global_shape"] == [64, 64] and w["local_shape"] == [32, 64]
+    assert "gloo" in first.stdout + first.stderr
+    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert not any(k.startswith("draft.") for k in state["state_dict"])
+    resumed = run(base[:-1] + ["2", "--ckpt_path", str(ckpt)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    head = AcceptanceHead.from_pretrained(tmp_path / "lightning_logs" / "version_1" / "head")  # a plain module
+    assert head.hidden_size == 64 and head(torch.randn(3, 64)).shape == (3,)

@@ -88,8 +88,10 @@ def main() -> None:
         f"{len(PROMPTS)} prompts x {args.repeats} repeats, up to {n} new tokens.", "",
         "| method | tokens | seconds | tokens/s |", "|---|---|---|---|",
         *[f"| {m} | {tokens[m]} | {seconds[m]:.1f} | {tps[m]:.2f} |" for m in methods], "",
-        f"- speculative, ours / transformers assisted: **{tps['ours constant K'] / tps['transformers assisted']:.2f}x**",
-        f"- target-only, ours / transformers generate: **{tps['ours target-only'] / tps['transformers generate']:.2f}x**",
+        "- speculative, ours / transformers assisted: "
+        f"**{tps['ours constant K'] / tps['transformers assisted']:.2f}x**",
+        "- target-only, ours / transformers generate: "
+        f"**{tps['ours target-only'] / tps['transformers generate']:.2f}x**",
         f"- prompts whose four outputs differ: {mismatches}",
     ]
     text = "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 For each k: mean acceptance E_{Y~q}[min(1, p/q)] = sum_v min(p_v, q_v) at temperature 1 (exact, no sampling),
 greedy top-1 agreement, and the measured time of one draft step relative to one target step. All k come from one
 teacher-forced target pass over target-sampled responses (a k-layer self-draft's logits are the target's
-final norm and LM head applied to the output of layer k). Writes a markdown table; the predicted speedup uses the parameter-count cost ratio (deterministic) since
+final norm and LM head applied to the output of layer k). Writes a markdown table; the predicted speedup uses
+the parameter-count cost ratio (deterministic) since
 step times on a shared 2-core machine are noisy.
 
     python scripts/measure_self_draft.py --data-dir ../shared/data --prompts 24 --out docs/default-pair.md

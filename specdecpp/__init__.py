@@ -3,7 +3,15 @@
 from .decoding import Generation, speculative_generate
 from .models import ModelPair, load_pair, self_draft
 from .policies import (
-    POLICY_NAMES, Confidence, ConstantK, Heuristic, LengthPolicy, Oracle, SpecDecPP, TargetOnly, make_policy,
+    POLICY_NAMES,
+    Confidence,
+    ConstantK,
+    Heuristic,
+    LengthPolicy,
+    Oracle,
+    SpecDecPP,
+    TargetOnly,
+    make_policy,
 )
 from .sampling import SamplingConfig
 from .stats import GenerationStats

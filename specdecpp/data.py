@@ -19,8 +19,8 @@ import hashlib
 import json
 import logging
 import math
-from functools import partial
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -246,18 +246,19 @@ class MixedDataset(Dataset):
     Items: input_ids = prompt ++ Z; labels = p_acc at Z's positions; loss_mask = True exactly where Z_i = Y_i.
     """
 
-    def __init__(self, records: list[Record], mixing_ratio: float = 0.15, seed: int = 0):
+    def __init__(self, records: list[Record], mixing_ratio: float = 0.15, seed: int = 0, redraw: bool = True):
         if not records:
             raise ValueError("the prepared dataset is empty: no prompts survived preparation")
         if not 0.0 <= mixing_ratio < 1.0:
             raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
-        self.records, self.r, self.seed = records, mixing_ratio, seed
+        self.records, self.r, self.seed, self.redraw = records, mixing_ratio, seed, redraw
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        epoch = epoch if self.redraw else 0  # validation keeps one mixing so epochs compare on the same inputs
         rec = self.records[index]
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
         use_target = torch.rand(len(rec.target), generator=g) < self.r
@@ -350,7 +351,8 @@ class AcceptanceDataModule(L.LightningDataModule):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         for split, d in self.dirs().items():
             records, _ = load_prepared(d)
-            self.datasets[split] = MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed)
+            self.datasets[split] = MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed,
+                                                redraw=split == "train")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         trainer = getattr(self, "trainer", None)

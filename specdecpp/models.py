@@ -221,6 +221,14 @@ class ModelPair:
         return out
 
 
+def default_draft(target: str | Path) -> int:
+    """The self-draft depth used when no draft is named: only the embedded targets have one."""
+    defaults = {"default": DEFAULT_SELF_DRAFT_LAYERS, "tiny-random": 2}
+    if str(target) not in defaults:
+        raise ValueError(f"give a draft model (reference or self-draft depth) for target {str(target)!r}")
+    return defaults[str(target)]
+
+
 def load_pair(target: str | Path = "default", draft: str | Path | int | None = None,
               dtype: str | torch.dtype = "float32", device: str = "cpu") -> ModelPair:
     """Load a draft/target pair.
@@ -233,10 +241,7 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
     """
     target_model = load_model(target, dtype, device)
     tokenizer = load_tokenizer(target)
-    if draft is None:
-        if str(target) not in ("default", "tiny-random"):
-            raise ValueError("give a draft model (reference or self-draft depth) for a non-default target")
-        draft = DEFAULT_SELF_DRAFT_LAYERS if str(target) == "default" else 2
+    draft = default_draft(target) if draft is None else draft
     if isinstance(draft, int):
         draft_model, draft_tok = self_draft(target_model, draft), None
     else:

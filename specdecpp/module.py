@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
 from .head import AcceptanceHead
-from .models import load_model, resolve, self_draft
+from .models import default_draft, load_model, resolve, self_draft
 
 STOP_WINDOWS = (1, 2, 4, 8)
 
@@ -112,10 +112,7 @@ class AcceptanceHeadModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.draft is None:
             h = self.hparams
-            draft = h.draft
-            if draft is None and h.target in ("default", "tiny-random"):
-                from .models import DEFAULT_SELF_DRAFT_LAYERS
-                draft = DEFAULT_SELF_DRAFT_LAYERS if h.target == "default" else 2
+            draft = default_draft(h.target) if h.draft is None else h.draft
             if isinstance(draft, int):
                 self.draft = self_draft(load_model(h.target), draft)
             else:
@@ -197,7 +194,8 @@ class AcceptanceHeadModule(L.LightningModule):
         s_acc, s_rej = self.val_sum_accept.compute(), self.val_sum_reject.compute()
         c = (s_acc / (s_acc + s_rej).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
         loss_const = (-s_rej * torch.log1p(-c) - s_acc * torch.log(c)) / (s_acc + s_rej).clamp_min(1e-12)
-        metrics = {"val/loss": loss, "val/loss_const": loss_const, "val/kl": self.val_kl.compute(), "val/brier_soft": self.val_brier_soft.compute(),
+        metrics = {"val/loss": loss, "val/loss_const": loss_const, "val/kl": self.val_kl.compute(),
+                   "val/brier_soft": self.val_brier_soft.compute(),
                    "val/brier": self.val_brier.compute(), "val/auroc": self.val_auroc.compute(),
                    "val/ece": self.val_ece.compute(), "val/ece_soft": rel["ece_soft"],
                    "val/mean_pred": self.val_mean_pred.compute(), "val/mean_label": self.val_mean_label.compute()}
@@ -211,7 +209,8 @@ class AcceptanceHeadModule(L.LightningModule):
         self._val_preds = []
 
     def _reset_val_metrics(self) -> None:
-        for m in [self.val_loss_num, self.val_loss_den, self.val_sum_accept, self.val_sum_reject, self.val_kl, self.val_brier_soft, self.val_brier,
+        for m in [self.val_loss_num, self.val_loss_den, self.val_sum_accept, self.val_sum_reject, self.val_kl,
+                  self.val_brier_soft, self.val_brier,
                   self.val_auroc, self.val_ece, self.val_reliability, self.val_mean_pred, self.val_mean_label,
                   *self.val_stop_pred, *self.val_stop_true]:
             m.reset()

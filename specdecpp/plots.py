@@ -22,3 +22,38 @@ def reliability_figure(rel: dict, title: str = "acceptance head calibration (sof
     axc.set(xlabel="predicted P(accept)", ylabel="positions")
     fig.tight_layout()
     return fig
+
+
+def pareto_figure(rows: list[dict], title: str = ""):
+    """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins."""
+    styles = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
+              "confidence": ("^", "tab:purple"), "oracle": ("D", "black"), "target": ("x", "grey")}
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for policy, (marker, color) in styles.items():
+        pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"]) for r in rows if r["policy"] == policy)
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker=marker, color=color, ls="-" if len(pts) > 1 else "", ms=9 if marker == "*" else 6,
+                label=policy)
+        for x, y, label in pts:
+            ax.annotate(label.split(" ", 1)[-1] if " " in label else "", (x, y), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set(xlabel="verification rate (target calls / token)", ylabel="discard rate (discarded / token)",
+           title=f"Pareto: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def stop_calibration_figure(table: list[dict]):
+    """Predicted P(>= 1 rejection) at each SpecDec++ stop against the share of rounds where one happened."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.scatter([t["predicted"] for t in table], [t["realised"] for t in table],
+               s=[10 + 2 * t["rounds"] for t in table])
+    ax.set(xlabel="predicted P(>= 1 rejection) at stop", ylabel="realised share of rounds with a rejection",
+           xlim=(0, 1), ylim=(0, 1), title="SpecDec++ stop calibration")
+    fig.tight_layout()
+    return fig

@@ -17,9 +17,11 @@ DATASETS = ("alpaca", "humaneval", "gsm8k")
 ALPACA_SPLIT = {"train": (0, 40_000), "dev": (40_000, 50_000), "test": (50_000, 52_000)}  # paper sizes
 ALPACA_SPLIT_SEED = 0
 _PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-HUMANEVAL_TEMPLATE = _PREAMBLE + "\n\n\n### Instruction:\nCreate a Python script for this problem:\n{prompt}\n\n### Response:"
+HUMANEVAL_TEMPLATE = (_PREAMBLE + "\n\n\n### Instruction:\nCreate a Python script for this problem:\n{prompt}"
+                      "\n\n### Response:")
 GSM8K_TEMPLATE = _PREAMBLE + "\n\n### Instruction:\n{question}\n\n### Response: Let's think step by step."
-FILES = {"alpaca": "alpaca/alpaca_data.jsonl.gz", "humaneval": "humaneval/HumanEval.jsonl.gz", "gsm8k": "gsm8k/test.jsonl"}
+FILES = {"alpaca": "alpaca/alpaca_data.jsonl.gz", "humaneval": "humaneval/HumanEval.jsonl.gz",
+         "gsm8k": "gsm8k/test.jsonl"}
 
 
 def default_data_dir() -> Path:

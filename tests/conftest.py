@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 64, hidden: int = 32, sharpness: float = 1.0,
@@ -63,3 +70,18 @@ def embedded_pair():
     from specdecpp import load_pair
 
     return load_pair("default")
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    """Run a repository entry point (train.py, bench.py) in a fresh process, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_run(tmp_path_factory):
+    """`python train.py fit --config configs/train/tiny.yaml`, once per session: (log dir, completed process)."""
+    root = tmp_path_factory.mktemp("train-tiny")
+    proc = run_script("train.py", "fit", "--config", "configs/train/tiny.yaml", "--trainer.default_root_dir", str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "lightning_logs" / "version_0", proc

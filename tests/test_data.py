@@ -7,7 +7,14 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper
 
 import specdecpp.data as data
 from specdecpp.data import (
-    AcceptanceDataModule, EpochSampler, MixedDataset, PrepareConfig, collate, load_prepared, prepare, sample_responses,
+    AcceptanceDataModule,
+    EpochSampler,
+    MixedDataset,
+    PrepareConfig,
+    collate,
+    load_prepared,
+    prepare,
+    sample_responses,
     summarize,
 )
 from specdecpp.models import ModelPair

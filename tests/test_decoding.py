@@ -6,7 +6,14 @@ import torch
 from conftest import noisy_draft, rolled_draft, tiny_llama
 
 from specdecpp import (
-    Confidence, ConstantK, Heuristic, Oracle, SamplingConfig, SpecDecPP, TargetOnly, speculative_generate,
+    Confidence,
+    ConstantK,
+    Heuristic,
+    Oracle,
+    SamplingConfig,
+    SpecDecPP,
+    TargetOnly,
+    speculative_generate,
 )
 
 GREEDY = SamplingConfig(temperature=0)

@@ -1,13 +1,11 @@
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import run_script
 from torch.utils.data import DataLoader
 
 from specdecpp.data import EpochSampler, MixedDataset, Record, collate
@@ -111,23 +109,20 @@ def test_validation_loss_goes_down_on_a_learnable_toy_task(tmp_path):
     assert after < 0.5 * before and trainer.callback_metrics["val/auroc"] > 0.9
 
 
-def run(args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, **kw)
+def run(args):
+    return run_script("train.py", *args)
 
 
-def test_tiny_config_trains_end_to_end_and_logs_calibration(tmp_path):
+def test_tiny_config_trains_end_to_end_and_logs_calibration(tiny_train_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = run(["fit", "--config", "configs/train/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)])
-    assert out.returncode == 0, out.stderr[-3000:]
-    log_dir = tmp_path / "lightning_logs" / "version_0"
+    log_dir, out = tiny_train_run
     assert f"acceptance head exported to {log_dir / 'head'}" in out.stdout
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"val/loss", "val/loss_const", "val/kl", "val/brier", "val/brier_soft", "val/ece", "val/ece_soft", "val/auroc",
-            "val/mean_pred", "val/mean_label", "val/stop_pred_k2", "val/stop_true_k2", "train/loss"} <= scalars
+    assert {"val/loss", "val/loss_const", "val/kl", "val/brier", "val/brier_soft", "val/ece", "val/ece_soft",
+            "val/auroc", "val/mean_pred", "val/mean_label", "val/stop_pred_k2", "val/stop_true_k2",
+            "train/loss"} <= scalars
     assert "val/reliability" in events.Tags()["images"]
     assert AcceptanceHead.from_pretrained(log_dir / "head").hidden_size == 64
 

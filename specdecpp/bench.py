@@ -1,0 +1,384 @@
+"""Benchmark sweeps of adaptive speculative decoding: one module generates, callbacks observe.
+
+`Benchmark.run()` walks datasets x seeds x prompts and, for each prompt, every policy setting in turn
+(the target-only baseline first), so every speedup is a ratio measured side by side in one process.
+Callbacks see `on_start`, `on_record` (after each generation) and `on_end` (with the summary), like
+Lightning callbacks. Config: an omegaconf dataclass schema (`BenchConfig`), YAML plus `key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from .policies import POLICY_NAMES, LengthPolicy, make_policy
+from .prompts import load_prompts
+from .sampling import SamplingConfig
+
+
+@dataclass
+class PolicySpec:
+    """One policy with fixed `params` and a `grid` of values to sweep (every combination is one setting)."""
+
+    name: str = "target"
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    target: str = "default"
+    draft: Any = None  # a model reference, or an int: a self-draft of the target's first k layers
+    head: str | None = None  # an exported acceptance head directory (needed by `specdecpp` policies)
+    datasets: list[str] = field(default_factory=lambda: ["alpaca"])
+    split: str = "test"  # Alpaca split; HumanEval and GSM8K are test sets
+    data_dir: str | None = None
+    prompts_per_dataset: int = 4
+    seeds: list[int] = field(default_factory=lambda: [0])
+    policies: list[PolicySpec] = field(default_factory=lambda: [PolicySpec("target")])
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    warmup: bool = True
+    out_dir: str = "runs/bench"
+
+
+@dataclass
+class Setting:
+    name: str
+    params: dict
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f" {k}={v}" for k, v in self.params.items() if k not in ("k_min", "k_max"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BenchConfig:
+    """Schema defaults, then the YAML file, then `key=value` overrides; unknown keys and bad types raise."""
+    cfg = OmegaConf.structured(BenchConfig)
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"benchmark config not found: {path}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(cfg)
+
+
+def expand_settings(cfg: BenchConfig) -> list[Setting]:
+    """Every policy setting of the sweep, target-only first; refuses a bad sweep before any model loads."""
+    settings = [Setting("target", {})]
+    for spec in cfg.policies:
+        if spec.name not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {spec.name!r}; choose from {list(POLICY_NAMES)}")
+        if spec.name == "target":
+            continue
+        keys = list(spec.grid)
+        for values in itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]:
+            settings.append(Setting(spec.name, {**spec.params, **dict(zip(keys, values))}))
+    if len(settings) == 1:
+        raise ValueError("the sweep is empty: list at least one speculative policy under `policies`")
+    if not cfg.datasets or cfg.prompts_per_dataset < 1 or not cfg.seeds:
+        raise ValueError("the sweep is empty: it needs datasets, prompts_per_dataset >= 1 and seeds")
+    needs_head = any(s.name == "specdecpp" for s in settings)
+    if needs_head and not cfg.head:
+        raise ValueError("policy 'specdecpp' needs `head`: the directory of an exported acceptance head")
+    for s in settings:  # build each once with a stand-in head: bad parameters fail here, by name
+        make_policy(s.name, head=(lambda h: h) if s.name == "specdecpp" else None, **s.params)
+    return settings
+
+
+def check_head_matches_draft(cfg: BenchConfig) -> None:
+    """Refuse a head trained for another draft, from config files alone (no weights loaded)."""
+    if not cfg.head:
+        return
+    from transformers import AutoConfig
+
+    from .models import default_draft, resolve
+
+    path = Path(cfg.head) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no acceptance head at {cfg.head} (expected config.json and model.safetensors)")
+    head = json.loads(path.read_text())
+    draft = default_draft(cfg.target) if cfg.draft is None else cfg.draft
+    draft_cfg = AutoConfig.from_pretrained(resolve(cfg.target if isinstance(draft, int) else draft))
+    depth = draft if isinstance(draft, int) else draft_cfg.num_hidden_layers
+    trained = head.get("draft") or {}
+    if head["hidden_size"] != draft_cfg.hidden_size or trained.get("num_layers", depth) != depth:
+        raise ValueError(f"acceptance head {cfg.head} was trained on draft {trained.get('name', '?')!r} "
+                         f"(hidden size {head['hidden_size']}, {trained.get('num_layers', '?')} layers), but the "
+                         f"benchmark drafts with hidden size {draft_cfg.hidden_size} and {depth} layers")
+
+
+class Callback:
+    def on_start(self, bench: Benchmark) -> None: ...
+    def on_record(self, bench: Benchmark, record: dict) -> None: ...
+    def on_end(self, bench: Benchmark, summary: list[dict]) -> None: ...
+
+
+class Benchmark:
+    def __init__(self, cfg: BenchConfig, callbacks: list[Callback] | None = None, pair=None):
+        self.cfg = cfg
+        self.settings = expand_settings(cfg)
+        check_head_matches_draft(cfg)
+        self.prompts = {d: load_prompts(d, cfg.split if d == "alpaca" or Path(d).suffix else "test",
+                                        cfg.prompts_per_dataset, cfg.data_dir) for d in cfg.datasets}
+        self.callbacks = callbacks or []
+        self.out_dir = Path(cfg.out_dir)
+        self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
+        self.pair, self.head = pair, None
+        self.records: list[dict] = []
+
+    @property
+    def total(self) -> int:
+        return sum(map(len, self.prompts.values())) * len(self.cfg.seeds) * len(self.settings)
+
+    def _setup(self) -> None:
+        from .models import load_pair
+
+        if self.pair is None:
+            self.pair = load_pair(self.cfg.target, self.cfg.draft, self.cfg.dtype, self.cfg.device)
+        if self.cfg.head:
+            from .head import AcceptanceHead
+
+            self.head = AcceptanceHead.from_pretrained(self.cfg.head).to(self.pair.device).eval()
+            self.head.check_draft(self.pair.draft.config)
+
+    def policy(self, setting: Setting) -> LengthPolicy:
+        return make_policy(setting.name, head=self.head if setting.name == "specdecpp" else None, **setting.params)
+
+    def run(self) -> list[dict]:
+        self._setup()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for cb in self.callbacks:
+            cb.on_start(self)
+        if self.cfg.warmup:  # first calls pay for allocation and kernel selection: keep them out of the numbers
+            first = next(iter(self.prompts.values()))[0]
+            for s in self.settings:
+                self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
+        for dataset, prompts in self.prompts.items():
+            for seed, (pid, prompt) in itertools.product(self.cfg.seeds, enumerate(prompts)):
+                ids = self.pair.encode(prompt)
+                for s in self.settings:  # interleaved per prompt: machine noise hits every setting alike
+                    policy = self.policy(s)
+                    out = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed)
+                    record = {"dataset": dataset, "prompt_id": pid, "seed": seed, "policy": s.name,
+                              "params": s.params, "setting": s.label, **out.stats.to_dict(),
+                              "stop_log": getattr(policy, "stop_log", None)}
+                    self.records.append(record)
+                    for cb in self.callbacks:
+                        cb.on_record(self, record)
+        summary = summarize(self.records)
+        fit_cost_model(self.records, summary)
+        for cb in self.callbacks:
+            cb.on_end(self, summary)
+        return summary
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (dataset, setting): ratios of sums over prompts, speedup against the same run's target-only rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["setting"]), []).append(r)
+    rows = []
+    for (dataset, setting), rs in groups.items():
+        n = sum(r["new_tokens"] for r in rs)
+        secs = sum(r["total_s"] for r in rs)
+        rows.append({"dataset": dataset, "setting": setting, "policy": rs[0]["policy"], "params": rs[0]["params"],
+                     "prompts": len(rs), "new_tokens": n, "seconds": secs, "tokens_per_s": n / secs,
+                     "target_calls": sum(r["target_calls"] for r in rs),
+                     "draft_calls": sum(r["draft_calls"] for r in rs),
+                     "drafted": sum(r["drafted"] for r in rs), "discarded": sum(r["discarded"] for r in rs),
+                     "verification_rate": sum(r["target_calls"] for r in rs) / n,
+                     "discard_rate": sum(r["discarded"] for r in rs) / n,
+                     "mean_acceptance_length": n / sum(r["target_calls"] for r in rs),
+                     "per_prompt_tokens_per_s": [r["tokens_per_s"] for r in rs]})
+    for row in rows:
+        base = next(b for b in rows if b["dataset"] == row["dataset"] and b["policy"] == "target")
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        per = [a / b for a, b in zip(row["per_prompt_tokens_per_s"], base["per_prompt_tokens_per_s"])]
+        row["speedup_min"], row["speedup_max"] = min(per), max(per)
+    return rows
+
+
+def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float]]:
+    """Fit T = t_draft * N_draft_calls + t_target * N_target_calls per dataset (least squares over generations,
+    oracle excluded: its timing includes a lookahead it does not book) and predict each setting's time per token."""
+    fits = {}
+    for dataset in {r["dataset"] for r in records}:
+        rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
+        x = torch.tensor([[r["draft_calls"], r["target_calls"]] for r in rs], dtype=torch.float64)
+        y = torch.tensor([r["total_s"] for r in rs], dtype=torch.float64)
+        t_draft, t_target = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
+        fits[dataset] = (t_draft, t_target)
+        for row in summary:
+            if row["dataset"] == dataset:
+                predicted = (t_draft * row["draft_calls"] + t_target * row["target_calls"]) / row["new_tokens"]
+                measured = row["seconds"] / row["new_tokens"]
+                row.update(t_draft=t_draft, t_target=t_target, predicted_s_per_token=predicted,
+                           measured_s_per_token=measured, cost_model_error=predicted / measured - 1)
+    return fits
+
+
+def suggest_threshold(t_draft: float, t_target: float) -> float:
+    """SpecDec++'s stopping threshold with the unknown constant Delta set to 0: stop once
+    P(>= 1 rejection) > c2 / (c1 + c2), where c1 = t_draft and c2 = t_target - t_draft."""
+    c1, c2 = t_draft, max(t_target - t_draft, 0.0)
+    return c2 / (c1 + c2) if c1 + c2 > 0 else 0.5
+
+
+def best_by_policy(summary: list[dict], dataset: str) -> dict[str, dict]:
+    best: dict[str, dict] = {}
+    for row in summary:
+        if row["dataset"] == dataset and (row["policy"] not in best
+                                          or row["tokens_per_s"] > best[row["policy"]]["tokens_per_s"]):
+            best[row["policy"]] = row
+    return best
+
+
+# --- callbacks --------------------------------------------------------------------------------------------------------
+
+
+class ProgressBar(Callback):
+    def on_start(self, bench):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=bench.total, desc="bench", unit="gen")
+
+    def on_record(self, bench, record):
+        self.bar.set_postfix_str(f"{record['dataset']} {record['setting']} {record['tokens_per_s']:.1f} tok/s")
+        self.bar.update()
+
+    def on_end(self, bench, summary):
+        self.bar.close()
+
+
+class JsonlWriter(Callback):
+    """records.jsonl as the run goes (nothing lost if it is interrupted), then summary.json and summary.csv."""
+
+    def on_start(self, bench):
+        self.file = (bench.out_dir / "records.jsonl").open("w")
+        (bench.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(bench.cfg)))
+
+    def on_record(self, bench, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def on_end(self, bench, summary):
+        self.file.close()
+        (bench.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        cols = [k for k in summary[0] if k not in ("params", "per_prompt_tokens_per_s")]
+        with (bench.out_dir / "summary.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(summary)
+
+
+class ParetoPlot(Callback):
+    """pareto_<dataset>.png: discard rate against verification rate (lower left is better), one marker per policy."""
+
+    def on_end(self, bench, summary):
+        from .plots import pareto_figure
+
+        self.figures = {}
+        for dataset in bench.prompts:
+            fig = pareto_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}")
+            fig.savefig(bench.out_dir / f"pareto_{Path(dataset).stem}.png", dpi=120)
+            self.figures[dataset] = fig
+
+
+class TensorBoardLogger(Callback):
+    """Scalars per setting (tokens/s, speedup, verification and discard rates) and the Pareto figures."""
+
+    def on_end(self, bench, summary):
+        from torch.utils.tensorboard import SummaryWriter
+
+        from .plots import pareto_figure
+
+        with SummaryWriter(str(bench.out_dir / "tensorboard")) as tb:
+            for row in summary:
+                for key in ("tokens_per_s", "speedup", "verification_rate", "discard_rate", "mean_acceptance_length"):
+                    tb.add_scalar(f"{row['dataset']}/{row['setting']}/{key}", row[key], 0)
+            for dataset in bench.prompts:
+                tb.add_figure(f"{dataset}/pareto", pareto_figure([r for r in summary if r["dataset"] == dataset],
+                                                                 title=dataset), 0)
+
+
+class StopCalibration(Callback):
+    """SpecDec++ rows: predicted P(>= 1 rejection) when drafting stopped vs whether verification found one."""
+
+    def on_end(self, bench, summary):
+        from .plots import stop_calibration_figure
+
+        rows = [(p, hit) for r in bench.records if r["policy"] == "specdecpp" for p, hit, _ in (r["stop_log"] or [])]
+        if not rows:
+            return
+        pred = torch.tensor([p for p, _ in rows])
+        hit = torch.tensor([h for _, h in rows], dtype=torch.float)
+        bins = (pred * 10).long().clamp(0, 9)
+        table = [{"bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}", "rounds": int((bins == b).sum()),
+                  "predicted": float(pred[bins == b].mean()), "realised": float(hit[bins == b].mean())}
+                 for b in range(10) if (bins == b).any()]
+        result = {"rounds": len(rows), "mean_predicted": float(pred.mean()), "mean_realised": float(hit.mean()),
+                  "bins": table}
+        (bench.out_dir / "stop_calibration.json").write_text(json.dumps(result, indent=2))
+        stop_calibration_figure(table).savefig(bench.out_dir / "stop_calibration.png", dpi=120)
+
+
+class ConsoleSummary(Callback):
+    """The table people read first, then the cost-model check, the threshold suggestion and where files are."""
+
+    def on_end(self, bench, summary):
+        print(format_summary(summary, bench.prompts))
+        print(f"\nrun directory: {bench.out_dir}  (records.jsonl, summary.csv/json, pareto_*.png, "
+              f"tensorboard/: tensorboard --logdir {bench.out_dir / 'tensorboard'})")
+
+
+def format_summary(summary: list[dict], datasets) -> str:
+    cols = [("setting", 30, "s"), ("tokens_per_s", 8, ".2f"), ("speedup", 8, ".2f"), ("verification_rate", 8, ".3f"),
+            ("discard_rate", 8, ".3f"), ("mean_acceptance_length", 8, ".2f"), ("cost_model_error", 8, ".1%")]
+    heads = {"tokens_per_s": "tok/s", "verification_rate": "verif", "discard_rate": "discard",
+             "mean_acceptance_length": "acc.len", "cost_model_error": "model"}
+    out = []
+    for dataset in datasets:
+        rows = [r for r in summary if r["dataset"] == dataset]
+        out.append(f"\n== {dataset} ({rows[0]['prompts']} generations per setting)")
+        out.append("  ".join(f"{heads.get(c, c):<{w}}" if c == "setting" else f"{heads.get(c, c):>{w}}"
+                             for c, w, _ in cols))
+        for r in rows:
+            out.append("  ".join(f"{r[c]:<{w}{f}}" if c == "setting" else f"{r[c]:>{w}{f}}" for c, w, f in cols))
+        t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
+        errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
+        best = best_by_policy(summary, dataset)
+        out.append(f"cost model: t_draft {t_d * 1e3:.1f} ms, t_target {t_t * 1e3:.1f} ms per call; "
+                   f"max |predicted/measured - 1| = {max(errors):.1%}")
+        h = suggest_threshold(t_d, t_t)
+        line = f"suggested SpecDec++ threshold for this cost ratio: h = {h:.2f}"
+        if "specdecpp" in best:
+            line += f"; swept best: {best['specdecpp']['setting']} ({best['specdecpp']['speedup']:.2f}x)"
+        out.append(line)
+    return "\n".join(out)
+
+
+def default_callbacks() -> list[Callback]:
+    return [ProgressBar(), JsonlWriter(), ParetoPlot(), TensorBoardLogger(), StopCalibration(), ConsoleSummary()]
+
+
+def run_benchmark(cfg: BenchConfig, callbacks: list[Callback] | None = None) -> list[dict]:
+    t = time.perf_counter()
+    summary = Benchmark(cfg, default_callbacks() if callbacks is None else callbacks).run()
+    print(f"benchmark took {time.perf_counter() - t:.0f} s")
+    return summary
+
+

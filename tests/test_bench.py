@@ -1,0 +1,116 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf.errors import ConfigKeyError
+
+import specdecpp.models
+from specdecpp.bench import Benchmark, PolicySpec, load_config, run_benchmark, suggest_threshold
+from specdecpp.head import AcceptanceHead
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory):
+    torch.manual_seed(0)
+    draft = {"name": "tiny-random:2", "hidden_size": 64, "num_layers": 2, "vocab_size": 49152}
+    return str(AcceptanceHead(64, 2, draft).save_pretrained(tmp_path_factory.mktemp("head")))
+
+
+def tiny_cfg(tmp_path, head, **kw):
+    overrides = [f"out_dir={tmp_path / 'run'}", "prompts_per_dataset=1", "max_new_tokens=8", f"head={head}",
+                 *[f"{k}={v}" for k, v in kw.items()]]
+    cfg = load_config(ROOT / "configs/bench/tiny.yaml", overrides)
+    cfg.policies.append(PolicySpec("specdecpp", {"k_min": 1, "k_max": 6}, {"threshold": [0.3, 0.7]}))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, tiny_head):
+    tmp_path = tmp_path_factory.mktemp("bench")
+    return run_benchmark(tiny_cfg(tmp_path, tiny_head)), tmp_path / "run"
+
+
+def test_tiny_sweep_writes_every_output_and_measures_speedup_side_by_side(tiny_sweep):
+    summary, run = tiny_sweep
+    for name in ["records.jsonl", "summary.csv", "summary.json", "config.yaml", "stop_calibration.json",
+                 "stop_calibration.png", *[f"pareto_{d}.png" for d in ("alpaca", "humaneval", "gsm8k")]]:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    assert list((run / "tensorboard").glob("events.out.tfevents*"))
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 8  # 3 datasets x 1 prompt x (target + 7 settings)
+    fields = {"dataset", "prompt_id", "seed", "policy", "params", "setting", "new_tokens", "target_calls",
+              "drafted", "accepted", "discarded", "verification_rate", "discard_rate", "tokens_per_s", "draft_s",
+              "verify_s", "head_s", "overhead_s", "total_s", "round_detail", "per_position_acceptance"}
+    assert all(fields <= set(r) for r in records)
+    for row in summary:  # speedup = this setting's tokens/s over the target-only rows of the same run and dataset
+        mine = [r for r in records if r["dataset"] == row["dataset"] and r["setting"] == row["setting"]]
+        base = [r for r in records if r["dataset"] == row["dataset"] and r["policy"] == "target"]
+        tps = sum(r["new_tokens"] for r in mine) / sum(r["total_s"] for r in mine)
+        base_tps = sum(r["new_tokens"] for r in base) / sum(r["total_s"] for r in base)
+        assert row["speedup"] == pytest.approx(tps / base_tps)
+    greedy = {}
+    for r in records:  # greedy: every setting generated the same number of tokens for a prompt
+        greedy.setdefault((r["dataset"], r["prompt_id"]), set()).add(r["new_tokens"])
+    assert all(len(v) == 1 for v in greedy.values())
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+    monkeypatch.setattr(specdecpp.models, "load_pair", refuse)
+
+
+def test_unknown_policy_is_refused_before_any_model_loads(tmp_path, tiny_head, no_model_loading):
+    cfg = tiny_cfg(tmp_path, tiny_head)
+    cfg.policies.append(PolicySpec("fastest"))
+    with pytest.raises(ValueError, match="unknown policy 'fastest'"):
+        Benchmark(cfg)
+
+
+def test_empty_sweep_is_refused(tmp_path, tiny_head, no_model_loading):
+    with pytest.raises(ValueError, match="sweep is empty"):
+        Benchmark(load_config(ROOT / "configs/bench/tiny.yaml", ["policies=[]"]))
+    with pytest.raises(ValueError, match="sweep is empty"):
+        Benchmark(load_config(ROOT / "configs/bench/tiny.yaml", ["datasets=[]"]))
+
+
+def test_head_from_another_draft_is_refused_before_any_model_loads(tmp_path, no_model_loading):
+    other = AcceptanceHead(64, 2, {"name": "tiny-random:3", "hidden_size": 64, "num_layers": 3})
+    path = other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="trained on draft 'tiny-random:3'"):
+        Benchmark(tiny_cfg(tmp_path, path))
+    wide = AcceptanceHead(32, 1).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="hidden size 32"):
+        Benchmark(tiny_cfg(tmp_path, wide))
+    cfg = tiny_cfg(tmp_path, tiny_head_missing := str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=tiny_head_missing):
+        Benchmark(cfg)
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ConfigKeyError):
+        load_config(ROOT / "configs/bench/tiny.yaml", ["max_new_token=3"])
+
+
+def test_suggested_threshold_follows_the_cost_ratio():
+    assert suggest_threshold(0.0, 1.0) == pytest.approx(1.0)  # free drafts: keep drafting
+    assert suggest_threshold(0.25, 1.0) == pytest.approx(0.75)
+    assert suggest_threshold(1.0, 1.0) == pytest.approx(0.0)  # drafts as dear as the target: stop at once
+
+
+def test_notebook_executes_on_the_tiny_runs(tiny_sweep, tiny_train_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("TRAIN_LOG", str(tiny_train_run[0]))
+    monkeypatch.setenv("BENCH_RUN", str(tiny_sweep[1]))
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # shipped with outputs cleared
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # calibration, reliability, Pareto figures

@@ -212,28 +212,36 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
-def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float]]:
-    """Fit T = t_draft * N_draft_calls + t_target * N_target_calls per dataset (least squares over generations,
-    oracle excluded: its timing includes a lookahead it does not book) and predict each setting's time per token."""
+def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Per dataset, the paper's T = t_draft * N_draft + t_target * N_target from the run's own timings, then each
+    setting's predicted time per token from its counts alone (oracle rows excluded: their timing includes a
+    lookahead they do not book).
+
+    t_draft is the mean draft step (draft time / draft calls). A verification call is fitted as t_target plus
+    t_verify per drafted token it scores (least squares on verify time): on a GPU t_verify is near 0, on a CPU it
+    is not, so a discarded token costs t_draft + t_verify.
+    """
     fits = {}
     for dataset in {r["dataset"] for r in records}:
         rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
-        x = torch.tensor([[r["draft_calls"], r["target_calls"]] for r in rs], dtype=torch.float64)
-        y = torch.tensor([r["total_s"] for r in rs], dtype=torch.float64)
-        t_draft, t_target = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
-        fits[dataset] = (t_draft, t_target)
+        t_draft = sum(r["draft_s"] for r in rs) / max(sum(r["draft_calls"] for r in rs), 1)
+        x = torch.tensor([[r["target_calls"], r["drafted"]] for r in rs], dtype=torch.float64)
+        y = torch.tensor([[r["verify_s"]] for r in rs], dtype=torch.float64)
+        t_target, t_verify = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
+        fits[dataset] = (t_draft, t_target, t_verify)
         for row in summary:
             if row["dataset"] == dataset:
-                predicted = (t_draft * row["draft_calls"] + t_target * row["target_calls"]) / row["new_tokens"]
+                predicted = ((t_draft + t_verify) * row["drafted"] + t_target * row["target_calls"]) / row["new_tokens"]
                 measured = row["seconds"] / row["new_tokens"]
-                row.update(t_draft=t_draft, t_target=t_target, predicted_s_per_token=predicted,
+                row.update(t_draft=t_draft, t_target=t_target, t_verify=t_verify, predicted_s_per_token=predicted,
                            measured_s_per_token=measured, cost_model_error=predicted / measured - 1)
     return fits
 
 
 def suggest_threshold(t_draft: float, t_target: float) -> float:
     """SpecDec++'s stopping threshold with the unknown constant Delta set to 0: stop once
-    P(>= 1 rejection) > c2 / (c1 + c2), where c1 = t_draft and c2 = t_target - t_draft."""
+    P(>= 1 rejection) > c2 / (c1 + c2), where c1 = t_draft (the cost of a discarded token) and
+    c2 = t_target - t_draft (the cost of a verification beyond a draft step)."""
     c1, c2 = t_draft, max(t_target - t_draft, 0.0)
     return c2 / (c1 + c2) if c1 + c2 > 0 else 0.5
 
@@ -358,12 +366,12 @@ def format_summary(summary: list[dict], datasets) -> str:
                              for c, w, _ in cols))
         for r in rows:
             out.append("  ".join(f"{r[c]:<{w}{f}}" if c == "setting" else f"{r[c]:>{w}{f}}" for c, w, f in cols))
-        t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
+        t_d, t_t, t_v = rows[0]["t_draft"], rows[0]["t_target"], rows[0]["t_verify"]
         errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
         best = best_by_policy(summary, dataset)
-        out.append(f"cost model: t_draft {t_d * 1e3:.1f} ms, t_target {t_t * 1e3:.1f} ms per call; "
-                   f"max |predicted/measured - 1| = {max(errors):.1%}")
-        h = suggest_threshold(t_d, t_t)
+        out.append(f"cost model: draft step {t_d * 1e3:.1f} ms, target call {t_t * 1e3:.1f} ms + {t_v * 1e3:.1f} ms "
+                   f"per drafted token verified; max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
+        h = suggest_threshold(t_d + t_v, t_t)
         line = f"suggested SpecDec++ threshold for this cost ratio: h = {h:.2f}"
         if "specdecpp" in best:
             line += f"; swept best: {best['specdecpp']['setting']} ({best['specdecpp']['speedup']:.2f}x)"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 
 from specdecpp import ConstantK, SamplingConfig, TargetOnly, load_pair
 
@@ -95,10 +96,7 @@ def main() -> None:
         f"- prompts whose four outputs differ: {mismatches}",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

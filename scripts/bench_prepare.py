@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 
 from specdecpp.data import sample_responses
 from specdecpp.models import load_pair
@@ -42,9 +43,7 @@ def main() -> None:
             f"| one prompt at a time | {n_one} | {s_one:.1f} | {n_one / s_one:.1f} |\n"
             f"| one batch of {args.prompts} (left padding) | {n_all} | {s_all:.1f} | {n_all / s_all:.1f} |\n\n"
             f"Batched / one at a time: **{(n_all / s_all) / (n_one / s_one):.1f}x** tokens/s.\n")
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

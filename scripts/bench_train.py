@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _report import report
 
 from specdecpp.data import AcceptanceDataModule
 from specdecpp.module import AcceptanceHeadModule, weighted_bce
@@ -53,9 +54,7 @@ def main() -> None:
             f"step: **{tokens / total:.0f} training tokens/s**; frozen draft forward **{t_draft / total:.0%}** of step "
             f"time, head forward + backward + AdamW **{t_head / total:.0%}** "
             f"({total / args.steps * 1000:.0f} ms/step).\n")
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 
 from specdecpp import SamplingConfig, TargetOnly, load_pair, self_draft, speculative_generate
 
@@ -93,10 +94,7 @@ def main() -> None:
     n_pos = len(acc[args.layers[0]])
     text = "\n".join(rows) + f"\n\n{args.prompts} Alpaca prompts, {n_pos} response positions, target step " \
                              f"{t_target * 1000:.1f} ms on this machine.\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

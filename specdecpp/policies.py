@@ -153,7 +153,7 @@ class SpecDecPP(LengthPolicy):
         self.stop_log = []
 
     def end_round(self, drafted: int, accepted: int) -> None:
-        if drafted:
+        if drafted >= 2:  # a one-token round made no prediction
             self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < drafted - 1), drafted))
 
     def begin_round(self) -> int:

@@ -90,6 +90,8 @@ def test_mixing_masks_exactly_the_draft_positions_and_redraws_each_epoch(pair, t
     assert abs(share - 0.3) < 5 * sd  # fails by chance with probability < 1e-6
     assert torch.equal(ds[(3, 0)]["loss_mask"], ds[(3, 0)]["loss_mask"])  # seeded
     assert any(not torch.equal(ds[(i, 0)]["loss_mask"], ds[(i, 1)]["loss_mask"]) for i in range(10))  # re-drawn
+    fixed = MixedDataset(records, mixing_ratio=0.3, seed=5, redraw=False)  # validation: one mixing for all epochs
+    assert all(torch.equal(fixed[(i, 0)]["loss_mask"], fixed[(i, 3)]["loss_mask"]) for i in range(len(records)))
 
 
 def test_collate_right_pads_with_no_loss_on_padding(pair, tmp_path):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend forced on a notebook
 
 
 def reliability_figure(rel: dict, title: str = "acceptance head calibration (soft labels)"):
     """Mean true acceptance against mean predicted acceptance per bin; bar height below shows the bin counts."""
     count, pred, label = (rel[k].detach().cpu().float() for k in ("count", "mean_pred", "mean_label"))
     used = count > 0
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig = Figure(figsize=(4.5, 5.5))
+    ax, axc = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="calibrated")
     ax.plot(pred[used], label[used], "o-", label=f"head (ECE {float(rel['ece_soft']):.3f})")
     ax.set(ylabel="mean true P(accept)", title=title, xlim=(0, 1), ylim=(0, 1))
@@ -28,7 +26,8 @@ def pareto_figure(rows: list[dict], title: str = ""):
     """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins."""
     styles = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
               "confidence": ("^", "tab:purple"), "oracle": ("D", "black"), "target": ("x", "grey")}
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
     for policy, (marker, color) in styles.items():
         pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"]) for r in rows if r["policy"] == policy)
         if not pts:
@@ -49,7 +48,8 @@ def pareto_figure(rows: list[dict], title: str = ""):
 
 def stop_calibration_figure(table: list[dict]):
     """Predicted P(>= 1 rejection) at each SpecDec++ stop against the share of rounds where one happened."""
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.scatter([t["predicted"] for t in table], [t["realised"] for t in table],
                s=[10 + 2 * t["rounds"] for t in table])

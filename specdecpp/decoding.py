@@ -95,7 +95,8 @@ def speculative_generate(
             out = drf(pending, hidden=policy.needs_hidden)
             q = probs(out.logits[0, -1], sampling)
             y = _draw(q, sampling, generator)
-            cand.append(y), qs.append(q)
+            cand.append(y)
+            qs.append(q)
             pending = [y]
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0

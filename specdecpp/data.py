@@ -15,6 +15,7 @@ re-drawn every epoch from (seed, epoch, index); the loss covers exactly the draf
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -314,6 +315,7 @@ class AcceptanceDataModule(L.LightningDataModule):
     def names(self) -> dict:
         return {"target": str(self.hparams.target), "draft": str(self.hparams.draft)}
 
+    @functools.cache  # noqa: B019 (one data module per run; the prompt files are read once)
     def split_prompts(self) -> dict[str, list[str]]:
         h = self.hparams
         if h.dataset == "alpaca":

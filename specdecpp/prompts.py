@@ -7,6 +7,7 @@ template is applied later, at tokenisation (`ModelPair.encode`).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -31,9 +32,14 @@ def default_data_dir() -> Path:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of a .json (a list), .jsonl or .jsonl.gz file."""
+    """Records of a .json (a list), .jsonl or .jsonl.gz file. Callers must not mutate the result (it is cached)."""
     if not path.is_file():
         raise FileNotFoundError(path)
+    return _read_records(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)  # train and dev splits read the same file: parse it once (per version of it)
+def _read_records(path: Path, mtime_ns: int) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         if path.name.endswith(".json"):

@@ -315,7 +315,7 @@ class AcceptanceDataModule(L.LightningDataModule):
     def names(self) -> dict:
         return {"target": str(self.hparams.target), "draft": str(self.hparams.draft)}
 
-    @functools.cache  # noqa: B019 (one data module per run; the prompt files are read once)
+    @functools.cache  # one data module per run: split (and read) the prompt files once
     def split_prompts(self) -> dict[str, list[str]]:
         h = self.hparams
         if h.dataset == "alpaca":

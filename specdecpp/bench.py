@@ -195,8 +195,10 @@ def summarize(records: list[dict]) -> list[dict]:
     for (dataset, setting), rs in groups.items():
         n = sum(r["new_tokens"] for r in rs)
         secs = sum(r["total_s"] for r in rs)
+        prefill = sum(r["prefill_s"] for r in rs)
         rows.append({"dataset": dataset, "setting": setting, "policy": rs[0]["policy"], "params": rs[0]["params"],
-                     "prompts": len(rs), "new_tokens": n, "seconds": secs, "tokens_per_s": n / secs,
+                     "prompts": len(rs), "new_tokens": n, "seconds": secs, "prefill_s": prefill,
+                     "tokens_per_s": n / secs,
                      "target_calls": sum(r["target_calls"] for r in rs),
                      "draft_calls": sum(r["draft_calls"] for r in rs),
                      "drafted": sum(r["drafted"] for r in rs), "discarded": sum(r["discarded"] for r in rs),
@@ -212,28 +214,25 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
-def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float, float]]:
-    """Per dataset, the paper's T = t_draft * N_draft + t_target * N_target from the run's own timings, then each
-    setting's predicted time per token from its counts alone (oracle rows excluded: their timing includes a
-    lookahead they do not book).
-
-    t_draft is the mean draft step (draft time / draft calls). A verification call is fitted as t_target plus
-    t_verify per drafted token it scores (least squares on verify time): on a GPU t_verify is near 0, on a CPU it
-    is not, so a discarded token costs t_draft + t_verify.
-    """
+def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float]]:
+    """Per dataset, the paper's T = t_draft * N_draft + t_target * N_target, fitted by least squares to each
+    generation's decoding time (total minus the prompt prefill, which no policy changes); then each setting's
+    time per token predicted from its counts alone plus its measured prefill. Oracle rows are left out of the
+    fit: their timing includes a lookahead they do not book. t_draft prices one drafted token: its draft step
+    and its share of the verification (not free when the target is compute-bound, as on a CPU)."""
     fits = {}
     for dataset in {r["dataset"] for r in records}:
         rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
-        t_draft = sum(r["draft_s"] for r in rs) / max(sum(r["draft_calls"] for r in rs), 1)
-        x = torch.tensor([[r["target_calls"], r["drafted"]] for r in rs], dtype=torch.float64)
-        y = torch.tensor([[r["verify_s"]] for r in rs], dtype=torch.float64)
-        t_target, t_verify = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
-        fits[dataset] = (t_draft, t_target, t_verify)
+        x = torch.tensor([[r["drafted"], r["target_calls"]] for r in rs], dtype=torch.float64)
+        y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
+        t_draft, t_target = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
+        fits[dataset] = (t_draft, t_target)
         for row in summary:
             if row["dataset"] == dataset:
-                predicted = ((t_draft + t_verify) * row["drafted"] + t_target * row["target_calls"]) / row["new_tokens"]
+                predicted = (t_draft * row["drafted"] + t_target * row["target_calls"] + row["prefill_s"]) \
+                    / row["new_tokens"]
                 measured = row["seconds"] / row["new_tokens"]
-                row.update(t_draft=t_draft, t_target=t_target, t_verify=t_verify, predicted_s_per_token=predicted,
+                row.update(t_draft=t_draft, t_target=t_target, predicted_s_per_token=predicted,
                            measured_s_per_token=measured, cost_model_error=predicted / measured - 1)
     return fits
 
@@ -241,7 +240,7 @@ def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[
 def suggest_threshold(t_draft: float, t_target: float) -> float:
     """SpecDec++'s stopping threshold with the unknown constant Delta set to 0: stop once
     P(>= 1 rejection) > c2 / (c1 + c2), where c1 = t_draft (the cost of a discarded token) and
-    c2 = t_target - t_draft (the cost of a verification beyond a draft step)."""
+    c2 = t_target - t_draft (the cost of a verification beyond a drafted token)."""
     c1, c2 = t_draft, max(t_target - t_draft, 0.0)
     return c2 / (c1 + c2) if c1 + c2 > 0 else 0.5
 
@@ -366,12 +365,12 @@ def format_summary(summary: list[dict], datasets) -> str:
                              for c, w, _ in cols))
         for r in rows:
             out.append("  ".join(f"{r[c]:<{w}{f}}" if c == "setting" else f"{r[c]:>{w}{f}}" for c, w, f in cols))
-        t_d, t_t, t_v = rows[0]["t_draft"], rows[0]["t_target"], rows[0]["t_verify"]
+        t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
         errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
         best = best_by_policy(summary, dataset)
-        out.append(f"cost model: draft step {t_d * 1e3:.1f} ms, target call {t_t * 1e3:.1f} ms + {t_v * 1e3:.1f} ms "
-                   f"per drafted token verified; max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
-        h = suggest_threshold(t_d + t_v, t_t)
+        out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call (+ measured "
+                   f"prefill); max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
+        h = suggest_threshold(t_d, t_t)
         line = f"suggested SpecDec++ threshold for this cost ratio: h = {h:.2f}"
         if "specdecpp" in best:
             line += f"; swept best: {best['specdecpp']['setting']} ({best['specdecpp']['speedup']:.2f}x)"

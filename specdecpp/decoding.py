@@ -100,6 +100,7 @@ def speculative_generate(
             pending = [y]
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
+            stats.prefill_s += (t1 - t0) if drf.calls == 1 else 0.0
             if y in eos:
                 stop = "eos"
                 break
@@ -124,7 +125,9 @@ def speculative_generate(
             n = n_accepted(p_acc >= 1 if u is None else u < p_acc)
         # 3. the round's last token: residual after a rejection, else the bonus from p_{K+1}
         last = _draw(residual(p[n], q[n]) if n < k else p[k], sampling, generator)
-        stats.verify_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        stats.verify_s += dt
+        stats.prefill_s += dt if tgt.calls == 1 else 0.0
 
         new = cand[:n] + ([] if n and cand[n - 1] in eos else [last])
         stats.rounds.append(Round(drafted=n if policy.hindsight else k, accepted=n, stop=stop))

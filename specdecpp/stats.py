@@ -26,6 +26,7 @@ class GenerationStats:
     draft_s: float = 0.0
     head_s: float = 0.0  # time inside the policy's keep_drafting (the acceptance head for SpecDec++)
     verify_s: float = 0.0
+    prefill_s: float = 0.0  # the two calls that consumed the prompt (within draft_s and verify_s): policy-independent
     total_s: float = 0.0
     hindsight: bool = False  # oracle: rounds are booked as if drafting stopped before the rejection
 

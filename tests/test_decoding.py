@@ -49,6 +49,7 @@ def check_bookkeeping(stats):
     assert stats.verification_rate == pytest.approx(stats.target_calls / stats.new_tokens)
     assert stats.discard_rate == pytest.approx(stats.discarded / stats.new_tokens)
     assert 0 < stats.draft_s + stats.verify_s + stats.head_s <= stats.total_s
+    assert 0 < stats.prefill_s <= stats.draft_s + stats.verify_s
 
 
 def test_never_accepted_rounds_discard_every_candidate():

@@ -73,6 +73,14 @@ def cache_key(names: dict, prompts: list[str], cfg: PrepareConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS, else 0 (padding is always masked out)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -117,7 +125,7 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
     """One teacher-forced pass of each model: Y_i ~ q(. | prompt, X_<i) and p_acc_i = min(1, p(Y_i) / q(Y_i))."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pair.tokenizer.pad_token_id or 0, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_token_id(pair.tokenizer), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, s in enumerate(seqs):  # right padding: real positions never attend to what follows them
         ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
@@ -148,20 +156,27 @@ def _save_shard(path: Path, records: list[Record], index: list[int], skipped: in
     path.with_suffix(".sha256").write_text(_sha256(path))  # written last: its presence marks the shard complete
 
 
-def _load_shard(path: Path) -> tuple[list[Record], int] | None:
-    """The shard's records, or None if it is missing, incomplete or damaged."""
+def _shard_complete(path: Path) -> bool:
+    """Written to the end (its sidecar exists) and undamaged (the checksum matches)."""
     sidecar = path.with_suffix(".sha256")
     if not (path.is_file() and sidecar.is_file()):
-        return None
+        return False
     if _sha256(path) != sidecar.read_text().strip():
-        log.warning("%s is damaged (checksum mismatch): rebuilding it", path)
+        log.warning("%s is damaged (checksum mismatch)", path)
+        return False
+    return True
+
+
+def _load_shard(path: Path) -> tuple[list[Record], int] | None:
+    """The shard's records, or None if it is missing, incomplete or damaged."""
+    if not _shard_complete(path):
         return None
     try:
         t = {k: v.clone() for k, v in load_file(path).items()}  # own the memory: never a view of a file we may rewrite
         with safe_open(path, "pt") as f:
             skipped = int(f.metadata()["skipped"])
     except (SafetensorError, KeyError, ValueError) as e:
-        log.warning("%s is unreadable (%s): rebuilding it", path, e)
+        log.warning("%s is unreadable (%s)", path, e)
         return None
     cuts = {k: [0, *t[f"{k}_len"].cumsum(0).tolist()] for k in ("prompt", "target")}
     records = []
@@ -181,14 +196,14 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(prompts) / cfg.batch_size)
     eos = {pair.tokenizer.eos_token_id} if pair.tokenizer.eos_token_id is not None else set()
-    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    pad_id = pad_token_id(pair.tokenizer)
     (out_dir / "config.json").write_text(json.dumps({"models": pair.names, "n_prompts": len(prompts),
                                                      **asdict(cfg)}, indent=2))
     limit = min(cfg.max_prompt_tokens, getattr(pair.target.config, "max_position_embeddings", 10**9)
                 - cfg.max_new_tokens)
     for shard in tqdm(range(n_shards), desc=desc, unit="batch"):
         path = out_dir / f"shard_{shard:05d}.safetensors"
-        if _load_shard(path) is not None:
+        if _shard_complete(path):  # the checksum is enough here: records are parsed once, by load_prepared
             continue
         generator = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + shard)
         lo = shard * cfg.batch_size
@@ -350,7 +365,7 @@ class AcceptanceDataModule(L.LightningDataModule):
         from .models import load_tokenizer
 
         tok = load_tokenizer(self.hparams.target)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.pad_id = pad_token_id(tok)
         for split, d in self.dirs().items():
             records, _ = load_prepared(d)
             self.datasets[split] = MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed,

@@ -77,8 +77,6 @@ def speculative_generate(
         raise ValueError("the prompt is empty: speculative decoding needs at least one prompt token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if draft is None and policy.begin_round() > 0:
-        raise ValueError(f"policy {policy!r} drafts tokens but no draft model was given")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     tgt, drf = _CachedLM(target), (_CachedLM(draft) if draft is not None else None)
     stats = GenerationStats(prompt_tokens=len(seq), hindsight=policy.hindsight)
@@ -88,6 +86,8 @@ def speculative_generate(
     while len(seq) - n_prompt < max_new_tokens:
         # 1. draft: Y_1..Y_K, each with its full distribution q_i [V]
         k_max = min(policy.begin_round(), max_new_tokens - (len(seq) - n_prompt) - 1)
+        if k_max > 0 and drf is None:
+            raise ValueError(f"policy {policy!r} drafts tokens but no draft model was given")
         cand, qs, stop = [], [], "limit"
         pending = seq[drf.seen:] if drf else []
         while len(cand) < k_max:

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
 from .head import AcceptanceHead
-from .models import default_draft, load_model, resolve, self_draft
+from .models import default_draft, load_model, self_draft
 
 STOP_WINDOWS = (1, 2, 4, 8)
 
@@ -116,10 +116,9 @@ class AcceptanceHeadModule(L.LightningModule):
             if isinstance(draft, int):
                 self.draft = self_draft(load_model(h.target), draft)
             else:
-                self.draft = load_model(resolve(draft))
+                self.draft = load_model(draft)
             self.draft.requires_grad_(False).eval()
-            self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, None)
-            self.head.draft = self.draft_identity
+            self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity)
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
             from torch.distributed.fsdp import fully_shard

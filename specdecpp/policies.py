@@ -144,7 +144,7 @@ class SpecDecPP(LengthPolicy):
         _check_bounds(k_min, k_max)
         self.k_min, self.k_max = k_min, k_max
         self.p_all_accepted = 1.0
-        self.predictions: list[float] = []  # P^_j of this round
+        self.predictions: list[float] = []  # P^_j of the current round, for inspection
         # per round: (predicted P(>= 1 rejection) when drafting stopped, whether one happened among the tokens
         # that prediction covers (Y_1..Y_{K-1}: the last token has no prediction yet), K); read by the benchmark
         self.stop_log: list[tuple[float, int, int]] = []

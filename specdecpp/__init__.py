@@ -4,7 +4,12 @@ from .decoding import Generation, speculative_generate
 from .models import ModelPair, load_pair, self_draft
 from .policies import (
     POLICY_NAMES,
+    SVIP,
+    AdaEDL,
+    AdaptiveConfidence,
     Confidence,
+    DraftToken,
+    Margin,
     ConstantK,
     Heuristic,
     LengthPolicy,
@@ -17,7 +22,7 @@ from .sampling import SamplingConfig
 from .stats import GenerationStats
 
 __all__ = [
-    "POLICY_NAMES", "Confidence", "ConstantK", "Generation", "GenerationStats", "Heuristic", "LengthPolicy",
+    "POLICY_NAMES", "SVIP", "AdaEDL", "AdaptiveConfidence", "Confidence", "DraftToken", "Margin", "ConstantK", "Generation", "GenerationStats", "Heuristic", "LengthPolicy",
     "ModelPair", "Oracle", "SamplingConfig", "SpecDecPP", "TargetOnly", "load_pair", "make_policy", "self_draft",
     "speculative_generate",
 ]

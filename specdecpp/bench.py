@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from .costs import CostModel, fit_cost_model, measure_costs, suggest_threshold
 from .policies import POLICY_NAMES, LengthPolicy, make_policy
 from .prompts import load_prompts
 from .sampling import SamplingConfig
+from .stats import bootstrap_interval
 
 
 @dataclass
@@ -52,6 +54,13 @@ class BenchConfig:
     device: str = "cpu"
     warmup: bool = True
     out_dir: str = "runs/bench"
+    # "engine": decode every setting and time it; "replay": greedy only, simulate every setting from one pass of
+    # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
+    mode: str = "engine"
+    batch_size: int = 16  # replay: prompts per batched target generation
+    draft_cost: float | None = None  # replay: c, a draft step in target calls (None: measured in this run)
+    verify_cost: float | None = None  # replay: v, each extra scored token in target calls (None: measured)
+    bootstrap: int = 2000  # resamples of prompts for the 95% intervals
 
 
 @dataclass
@@ -91,6 +100,11 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
         raise ValueError("the sweep is empty: list at least one speculative policy under `policies`")
     if not cfg.datasets or cfg.prompts_per_dataset < 1 or not cfg.seeds:
         raise ValueError("the sweep is empty: it needs datasets, prompts_per_dataset >= 1 and seeds")
+    if cfg.mode not in ("engine", "replay"):
+        raise ValueError(f"mode must be 'engine' or 'replay', got {cfg.mode!r}")
+    if cfg.mode == "replay" and cfg.temperature != 0:
+        raise ValueError(f"replay is exact for greedy decoding only (temperature 0), got temperature "
+                         f"{cfg.temperature}: set temperature: 0, or mode: engine to decode and time every setting")
     needs_head = any(s.name == "specdecpp" for s in settings)
     if needs_head and not cfg.head:
         raise ValueError("policy 'specdecpp' needs `head`: the directory of an exported acceptance head")
@@ -105,14 +119,15 @@ def check_head_matches_draft(cfg: BenchConfig) -> None:
         return
     from transformers import AutoConfig
 
-    from .models import default_draft, resolve
+    from .models import default_draft, precision_draft_dtype, resolve
 
     path = Path(cfg.head) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no acceptance head at {cfg.head} (expected config.json and model.safetensors)")
     head = json.loads(path.read_text())
     draft = default_draft(cfg.target) if cfg.draft is None else cfg.draft
-    draft_cfg = AutoConfig.from_pretrained(resolve(cfg.target if isinstance(draft, int) else draft))
+    of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
+    draft_cfg = AutoConfig.from_pretrained(resolve(cfg.target if of_target else draft))
     depth = draft if isinstance(draft, int) else draft_cfg.num_hidden_layers
     trained = head.get("draft") or {}
     if head["hidden_size"] != draft_cfg.hidden_size or trained.get("num_layers", depth) != depth:
@@ -138,6 +153,7 @@ class Benchmark:
         self.out_dir = Path(cfg.out_dir)
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
         self.pair, self.head = pair, None
+        self.costs: CostModel | None = None  # replay mode: the cost model that prices the counts
         self.records: list[dict] = []
 
     @property
@@ -161,33 +177,66 @@ class Benchmark:
     def run(self) -> list[dict]:
         self._setup()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.mode == "replay":
+            self.costs = self._replay_costs()
         for cb in self.callbacks:
             cb.on_start(self)
-        if self.cfg.warmup:  # first calls pay for allocation and kernel selection: keep them out of the numbers
+        if self.cfg.warmup and self.cfg.mode == "engine":  # first calls pay for allocation and kernel selection
             first = next(iter(self.prompts.values()))[0]
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
         for dataset, prompts in self.prompts.items():
-            for seed, (pid, prompt) in itertools.product(self.cfg.seeds, enumerate(prompts)):
-                ids = self.pair.encode(prompt)
+            runs = self._replayed(prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
+            for seed, pid, generate in runs:
                 for s in self.settings:  # interleaved per prompt: machine noise hits every setting alike
                     policy = self.policy(s)
-                    out = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed)
+                    stats = generate(policy)
                     record = {"dataset": dataset, "prompt_id": pid, "seed": seed, "policy": s.name,
-                              "params": s.params, "setting": s.label, **out.stats.to_dict(),
+                              "params": s.params, "setting": s.label, "mode": self.cfg.mode, **stats.to_dict(),
                               "stop_log": getattr(policy, "stop_log", None)}
                     self.records.append(record)
                     for cb in self.callbacks:
                         cb.on_record(self, record)
-        summary = summarize(self.records)
-        fit_cost_model(self.records, summary)
+        summary = summarize(self.records, self.cfg.bootstrap)
+        if self.cfg.mode == "engine":
+            fit_cost_model(self.records, summary)
         for cb in self.callbacks:
             cb.on_end(self, summary)
         return summary
 
+    def _decoded(self, prompts: list[str]):
+        """Engine mode: (seed, prompt id, decode-and-time under a policy) per prompt and seed."""
+        for seed, (pid, prompt) in itertools.product(self.cfg.seeds, enumerate(prompts)):
+            ids = self.pair.encode(prompt)
+            yield seed, pid, lambda policy, ids=ids, seed=seed: self.pair.generate(
+                ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed).stats
 
-def summarize(records: list[dict]) -> list[dict]:
-    """Per (dataset, setting): ratios of sums over prompts, speedup against the same run's target-only rows."""
+    def _replayed(self, prompts: list[str]):
+        """Replay mode: (seed, prompt id, simulate under a policy), priced by the cost model, per prompt."""
+        from .data import pad_token_id
+        from .replay import make_traces, replay_generation
+
+        tok = self.pair.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        traces = make_traces(self.pair.target, self.pair.draft, [self.pair.encode(p) for p in prompts],
+                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.batch_size)
+        for pid, trace in traces:
+            def simulate(policy, trace=trace):
+                stats = replay_generation(trace, policy, self.cfg.max_new_tokens)
+                stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted)
+                return stats
+            yield self.cfg.seeds[0], pid, simulate
+            trace.release()
+
+    def _replay_costs(self) -> CostModel:
+        measured = measure_costs(self.pair.target, self.pair.draft)
+        return CostModel(measured.target_s, measured.draft if self.cfg.draft_cost is None else self.cfg.draft_cost,
+                         measured.verify if self.cfg.verify_cost is None else self.cfg.verify_cost)
+
+
+def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
+    """Per (dataset, setting): ratios of sums over prompts, speedup against the same run's target-only rows, and
+    95% bootstrap intervals over prompts (speedups resampled paired with the baseline's same prompts)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["setting"]), []).append(r)
@@ -196,53 +245,33 @@ def summarize(records: list[dict]) -> list[dict]:
         n = sum(r["new_tokens"] for r in rs)
         secs = sum(r["total_s"] for r in rs)
         prefill = sum(r["prefill_s"] for r in rs)
+        calls, discarded = [r["target_calls"] for r in rs], [r["discarded"] for r in rs]
+        tokens = [r["new_tokens"] for r in rs]
         rows.append({"dataset": dataset, "setting": setting, "policy": rs[0]["policy"], "params": rs[0]["params"],
                      "prompts": len(rs), "new_tokens": n, "seconds": secs, "prefill_s": prefill,
                      "tokens_per_s": n / secs,
-                     "target_calls": sum(r["target_calls"] for r in rs),
+                     "target_calls": sum(calls),
                      "draft_calls": sum(r["draft_calls"] for r in rs),
-                     "drafted": sum(r["drafted"] for r in rs), "discarded": sum(r["discarded"] for r in rs),
-                     "verification_rate": sum(r["target_calls"] for r in rs) / n,
-                     "discard_rate": sum(r["discarded"] for r in rs) / n,
-                     "mean_acceptance_length": n / sum(r["target_calls"] for r in rs),
+                     "drafted": sum(r["drafted"] for r in rs), "discarded": sum(discarded),
+                     "verification_rate": sum(calls) / n,
+                     "verification_rate_ci": bootstrap_interval([calls, tokens], lambda a, b: a / b, n_boot),
+                     "discard_rate": sum(discarded) / n,
+                     "discard_rate_ci": bootstrap_interval([discarded, tokens], lambda a, b: a / b, n_boot),
+                     "mean_acceptance_length": n / sum(calls),
                      "per_prompt_tokens_per_s": [r["tokens_per_s"] for r in rs]})
     for row in rows:
-        base = next(b for b in rows if b["dataset"] == row["dataset"] and b["policy"] == "target")
-        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
-        per = [a / b for a, b in zip(row["per_prompt_tokens_per_s"], base["per_prompt_tokens_per_s"])]
+        mine = groups[(row["dataset"], row["setting"])]
+        base_row = next(b for b in rows if b["dataset"] == row["dataset"] and b["policy"] == "target")
+        base = {(r["prompt_id"], r["seed"]): r for r in groups[(row["dataset"], base_row["setting"])]}
+        paired = [(r, base[(r["prompt_id"], r["seed"])]) for r in mine]
+        row["speedup"] = row["tokens_per_s"] / base_row["tokens_per_s"]
+        row["speedup_ci"] = bootstrap_interval(
+            [[r["new_tokens"] for r, _ in paired], [r["total_s"] for r, _ in paired],
+             [b["new_tokens"] for _, b in paired], [b["total_s"] for _, b in paired]],
+            lambda n, t, nb, tb: (n / t) / (nb / tb), n_boot)
+        per = [(r["new_tokens"] / r["total_s"]) / (b["new_tokens"] / b["total_s"]) for r, b in paired]
         row["speedup_min"], row["speedup_max"] = min(per), max(per)
     return rows
-
-
-def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float]]:
-    """Per dataset, the paper's T = t_draft * N_draft + t_target * N_target, fitted by least squares to each
-    generation's decoding time (total minus the prompt prefill, which no policy changes); then each setting's
-    time per token predicted from its counts alone plus its measured prefill. Oracle rows are left out of the
-    fit: their timing includes a lookahead they do not book. t_draft prices one drafted token: its draft step
-    and its share of the verification (not free when the target is compute-bound, as on a CPU)."""
-    fits = {}
-    for dataset in {r["dataset"] for r in records}:
-        rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
-        x = torch.tensor([[r["drafted"], r["target_calls"]] for r in rs], dtype=torch.float64)
-        y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
-        t_draft, t_target = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
-        fits[dataset] = (t_draft, t_target)
-        for row in summary:
-            if row["dataset"] == dataset:
-                predicted = (t_draft * row["drafted"] + t_target * row["target_calls"] + row["prefill_s"]) \
-                    / row["new_tokens"]
-                measured = row["seconds"] / row["new_tokens"]
-                row.update(t_draft=t_draft, t_target=t_target, predicted_s_per_token=predicted,
-                           measured_s_per_token=measured, cost_model_error=predicted / measured - 1)
-    return fits
-
-
-def suggest_threshold(t_draft: float, t_target: float) -> float:
-    """SpecDec++'s stopping threshold with the unknown constant Delta set to 0: stop once
-    P(>= 1 rejection) > c2 / (c1 + c2), where c1 = t_draft (the cost of a discarded token) and
-    c2 = t_target - t_draft (the cost of a verification beyond a drafted token)."""
-    c1, c2 = t_draft, max(t_target - t_draft, 0.0)
-    return c2 / (c1 + c2) if c1 + c2 > 0 else 0.5
 
 
 def best_by_policy(summary: list[dict], dataset: str) -> dict[str, dict]:
@@ -343,43 +372,95 @@ class StopCalibration(Callback):
         stop_calibration_figure(table).savefig(bench.out_dir / "stop_calibration.png", dpi=120)
 
 
+class WhatIf(Callback):
+    """Replay mode: predicted speedup of the best setting of each policy as the draft cost c varies (the verify
+    cost v as measured), whatif_<dataset>.png and whatif.json with the gap SpecDec++ closes between the best
+    constant K and the oracle at the measured c and at c = 0.05 and 0.2."""
+
+    COSTS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+    def on_end(self, bench, summary):
+        if bench.costs is None:
+            return
+        from .costs import best_per_policy, gap_closed, whatif
+        from .plots import whatif_figure
+
+        c_measured = bench.costs.draft
+        grid = sorted({*self.COSTS, round(c_measured, 4)})
+        result = {"draft_cost_measured": c_measured, "verify_cost": bench.costs.verify, "draft_costs": grid,
+                  "datasets": {}}
+        for dataset in bench.prompts:
+            rows = [r for r in summary if r["dataset"] == dataset]
+            best = best_per_policy(whatif(rows, grid, bench.costs.verify), rows)
+            gaps = {}
+            if {"specdecpp", "constant", "oracle"} <= set(best):
+                gaps = {f"c={c:g}": gap_closed(best, grid.index(c)) for c in (round(c_measured, 4), 0.05, 0.2)}
+            result["datasets"][dataset] = {"best_speedup": best, "gap_closed": gaps}
+            whatif_figure(grid, best, c_measured, title=dataset).savefig(
+                bench.out_dir / f"whatif_{Path(dataset).stem}.png", dpi=120)
+        (bench.out_dir / "whatif.json").write_text(json.dumps(result, indent=2))
+        self.result = result
+
+
 class ConsoleSummary(Callback):
     """The table people read first, then the cost-model check, the threshold suggestion and where files are."""
 
     def on_end(self, bench, summary):
-        print(format_summary(summary, bench.prompts))
+        print(format_summary(summary, bench.prompts, bench.costs))
         print(f"\nrun directory: {bench.out_dir}  (records.jsonl, summary.csv/json, pareto_*.png, "
               f"tensorboard/: tensorboard --logdir {bench.out_dir / 'tensorboard'})")
 
 
-def format_summary(summary: list[dict], datasets) -> str:
-    cols = [("setting", 30, "s"), ("tokens_per_s", 8, ".2f"), ("speedup", 8, ".2f"), ("verification_rate", 8, ".3f"),
-            ("discard_rate", 8, ".3f"), ("mean_acceptance_length", 8, ".2f"), ("cost_model_error", 8, ".1%")]
-    heads = {"tokens_per_s": "tok/s", "verification_rate": "verif", "discard_rate": "discard",
-             "mean_acceptance_length": "acc.len", "cost_model_error": "model"}
+def best_setting(rows: list[dict]) -> dict | None:
+    """The fastest speculative setting of one dataset's rows (the oracle is a bound, not a setting)."""
+    rows = [r for r in rows if r["policy"] not in ("target", "oracle")]
+    return max(rows, key=lambda r: r["speedup"]) if rows else None
+
+
+def format_summary(summary: list[dict], datasets, costs: CostModel | None = None) -> str:
+    """One table per dataset; "~" marks settings whose speedup interval overlaps the best setting's."""
+    cols = [("setting", 34, "s"), ("tokens_per_s", 8, ".2f"), ("speedup", 7, ".3f"), ("ci", 15, "s"), ("mark", 1, "s"),
+            ("verification_rate", 7, ".3f"), ("discard_rate", 7, ".3f"), ("mean_acceptance_length", 7, ".2f")]
+    if costs is None:
+        cols.append(("cost_model_error", 7, ".1%"))
+    heads = {"tokens_per_s": "tok/s" if costs is None else "pred.t/s", "verification_rate": "verif",
+             "discard_rate": "discard", "mean_acceptance_length": "acc.len", "cost_model_error": "model",
+             "ci": "95% interval", "mark": "~"}
     out = []
     for dataset in datasets:
         rows = [r for r in summary if r["dataset"] == dataset]
-        out.append(f"\n== {dataset} ({rows[0]['prompts']} generations per setting)")
+        best = best_setting(rows)
+        out.append(f"\n== {dataset} ({rows[0]['prompts']} generations per setting"
+                   + (", replayed: speeds predicted from counts)" if costs else ")"))
         out.append("  ".join(f"{heads.get(c, c):<{w}}" if c == "setting" else f"{heads.get(c, c):>{w}}"
                              for c, w, _ in cols))
         for r in rows:
-            out.append("  ".join(f"{r[c]:<{w}{f}}" if c == "setting" else f"{r[c]:>{w}{f}}" for c, w, f in cols))
-        t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
-        errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
-        best = best_by_policy(summary, dataset)
-        out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call (+ measured "
-                   f"prefill); max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
-        h = suggest_threshold(t_d, t_t)
-        line = f"suggested SpecDec++ threshold for this cost ratio: h = {h:.2f}"
-        if "specdecpp" in best:
-            line += f"; swept best: {best['specdecpp']['setting']} ({best['specdecpp']['speedup']:.2f}x)"
+            lo, hi = r["speedup_ci"]
+            overlaps = best is not None and r["policy"] not in ("target", "oracle") and lo <= best["speedup_ci"][1] \
+                and hi >= best["speedup_ci"][0]
+            cells = {**r, "ci": f"[{lo:.3f}, {hi:.3f}]", "mark": "~" if overlaps else ""}
+            out.append("  ".join(f"{cells[c]:<{w}{f}}" if c == "setting" else f"{cells[c]:>{w}{f}}" for c, w, f in cols))
+        by_policy = best_by_policy(summary, dataset)
+        if costs is None:
+            t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
+            errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
+            out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call (+ "
+                       f"measured prefill); max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
+            h = suggest_threshold(t_d, t_t)
+        else:
+            out.append(f"cost model (in target calls of {costs.target_s * 1e3:.1f} ms): draft step c = {costs.draft:.3f},"
+                       f" each extra scored token v = {costs.verify:.3f}; prompt prefill not counted")
+            h = costs.threshold()
+        line = f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"
+        if "specdecpp" in by_policy:
+            line += f"; swept best: {by_policy['specdecpp']['setting']} ({by_policy['specdecpp']['speedup']:.3f}x)"
         out.append(line)
     return "\n".join(out)
 
 
 def default_callbacks() -> list[Callback]:
-    return [ProgressBar(), JsonlWriter(), ParetoPlot(), TensorBoardLogger(), StopCalibration(), ConsoleSummary()]
+    return [ProgressBar(), JsonlWriter(), ParetoPlot(), TensorBoardLogger(), StopCalibration(), WhatIf(),
+            ConsoleSummary()]
 
 
 def run_benchmark(cfg: BenchConfig, callbacks: list[Callback] | None = None) -> list[dict]:

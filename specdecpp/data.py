@@ -37,7 +37,7 @@ from .prompts import load_prompts
 from .sampling import SamplingConfig, acceptance_prob, probs, sample
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards hold prompts bucketed by length
 
 
 @dataclass(frozen=True)
@@ -201,20 +201,22 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
                                                      **asdict(cfg)}, indent=2))
     limit = min(cfg.max_prompt_tokens, getattr(pair.target.config, "max_position_embeddings", 10**9)
                 - cfg.max_new_tokens)
+    encoded = [pair.encode(p) for p in prompts]
+    # length bucketing: a batch of similar prompt lengths wastes little on padding (shards stay deterministic)
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     for shard in tqdm(range(n_shards), desc=desc, unit="batch"):
         path = out_dir / f"shard_{shard:05d}.safetensors"
         if _shard_complete(path):  # the checksum is enough here: records are parsed once, by load_prepared
             continue
         generator = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + shard)
-        lo = shard * cfg.batch_size
-        encoded = [(lo + i, pair.encode(p)) for i, p in enumerate(prompts[lo: lo + cfg.batch_size])]
-        kept = [(i, ids) for i, ids in encoded if len(ids) <= limit]
+        batch = order[shard * cfg.batch_size: (shard + 1) * cfg.batch_size]
+        kept = [(i, encoded[i]) for i in batch if len(encoded[i]) <= limit]
         records = []
         if kept:
             ids = [k[1] for k in kept]
             responses = sample_responses(pair.target, ids, cfg.sampling, cfg.max_new_tokens, eos, pad_id, generator)
             records = label_responses(pair, ids, responses, cfg.sampling, generator)
-        _save_shard(path, records, [k[0] for k in kept], skipped=len(encoded) - len(kept))
+        _save_shard(path, records, [k[0] for k in kept], skipped=len(batch) - len(kept))
     (out_dir / "complete").write_text(str(n_shards))
     return out_dir
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .policies import LengthPolicy
-from .sampling import SamplingConfig, acceptance_prob, n_accepted, probs, residual, sample
+from .policies import DraftToken, LengthPolicy
+from .sampling import SamplingConfig, acceptance_prob, draft_stats, n_accepted, probs, residual, sample
 from .stats import GenerationStats, Round
 
 
@@ -49,6 +49,14 @@ class _CachedLM:
         if self.seen > length:
             self.cache.crop(length - self.seen)  # a negative count removes that many tokens
             self.seen = length
+
+
+def _draft_token(policy: LengthPolicy, logits: torch.Tensor, y: int, out) -> DraftToken:
+    """What `policy` reads of the drafted token: statistics of the raw draft distribution, the hidden state."""
+    token = DraftToken(hidden=out.hidden_states[-1][0, -1] if policy.needs_hidden else None)
+    if policy.needs_stats:
+        token.prob, token.entropy, token.margin = map(float, draft_stats(logits, torch.tensor(y, device=logits.device)))
+    return token
 
 
 def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
@@ -93,7 +101,8 @@ def speculative_generate(
         while len(cand) < k_max:
             t0 = time.perf_counter()
             out = drf(pending, hidden=policy.needs_hidden)
-            q = probs(out.logits[0, -1], sampling)
+            logits = out.logits[0, -1]
+            q = probs(logits, sampling)
             y = _draw(q, sampling, generator)
             cand.append(y)
             qs.append(q)
@@ -104,13 +113,11 @@ def speculative_generate(
             if y in eos:
                 stop = "eos"
                 break
-            if len(cand) < k_max:
-                go_on = policy.keep_drafting(len(cand), float(q[y]),
-                                             out.hidden_states[-1][0, -1] if policy.needs_hidden else None)
-                stats.head_s += time.perf_counter() - t1
-                if not go_on:
-                    stop = "policy"
-                    break
+            go_on = policy.keep_drafting(len(cand), _draft_token(policy, logits, y, out))
+            stats.head_s += time.perf_counter() - t1
+            if not go_on and len(cand) < k_max:
+                stop = "policy"
+                break
 
         # 2. verify: one target forward over the unfed tokens and the candidates -> p_1..p_{K+1}
         t0 = time.perf_counter()

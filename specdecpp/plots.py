@@ -22,20 +22,28 @@ def reliability_figure(rel: dict, title: str = "acceptance head calibration (sof
     return fig
 
 
+STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
+          "confidence": ("^", "tab:purple"), "adaptive_confidence": ("v", "tab:pink"), "svip": ("<", "tab:olive"),
+          "adaedl": (">", "tab:cyan"), "margin": ("P", "tab:orange"), "oracle": ("D", "black"), "target": ("x", "grey")}
+
+
 def pareto_figure(rows: list[dict], title: str = ""):
     """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins."""
-    styles = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
-              "confidence": ("^", "tab:purple"), "oracle": ("D", "black"), "target": ("x", "grey")}
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
-    for policy, (marker, color) in styles.items():
-        pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"]) for r in rows if r["policy"] == policy)
+    for policy, (marker, color) in STYLES.items():
+        pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"], r.get("verification_rate_ci"),
+                      r.get("discard_rate_ci")) for r in rows if r["policy"] == policy)
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, marker=marker, color=color, ls="-" if len(pts) > 1 else "", ms=9 if marker == "*" else 6,
                 label=policy)
-        for x, y, label in pts:
+        if all(p[3] and p[4] for p in pts):  # 95% bootstrap intervals over prompts
+            ax.errorbar(xs, ys, xerr=[[x - p[3][0] for x, p in zip(xs, pts)], [p[3][1] - x for x, p in zip(xs, pts)]],
+                        yerr=[[y - p[4][0] for y, p in zip(ys, pts)], [p[4][1] - y for y, p in zip(ys, pts)]],
+                        fmt="none", ecolor=color, alpha=0.5, lw=1)
+        for x, y, label, *_ in pts:
             ax.annotate(label.split(" ", 1)[-1] if " " in label else "", (x, y), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
     ax.set(xlabel="verification rate (target calls / token)", ylabel="discard rate (discarded / token)",
@@ -55,5 +63,22 @@ def stop_calibration_figure(table: list[dict]):
                s=[10 + 2 * t["rounds"] for t in table])
     ax.set(xlabel="predicted P(>= 1 rejection) at stop", ylabel="realised share of rounds with a rejection",
            xlim=(0, 1), ylim=(0, 1), title="SpecDec++ stop calibration")
+    fig.tight_layout()
+    return fig
+
+
+def whatif_figure(draft_costs: list[float], best: dict[str, list[float]], measured: float, title: str = ""):
+    """Predicted speedup over target-only of each policy's best setting as the draft step cost varies."""
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
+    for policy, ys in best.items():
+        marker, color = STYLES.get(policy, ("o", None))
+        ax.plot(draft_costs, ys, marker=marker, color=color, ms=4, label=policy, lw=2 if policy == "specdecpp" else 1)
+    ax.axvline(measured, color="grey", ls="--", lw=1, label=f"measured c = {measured:.2f}")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set(xscale="log", xlabel="draft step cost c (target calls)", ylabel="predicted speedup (best setting)",
+           title=f"what if: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

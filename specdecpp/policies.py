@@ -1,25 +1,42 @@
 """Candidate-length policies: each decides, round by round, how many draft tokens to submit.
 
-The engine asks a policy three things (like transformers' candidate generators, one job each):
-`begin_round()` gives the most tokens it may draft this round (0 = no speculation), then after every
-drafted token Y_i `keep_drafting(i, q_i, hidden)` says whether to draft Y_{i+1}, and after verification
-`end_round(drafted, accepted)` reports the outcome. `hidden` is the draft's final hidden state at the
-last position it consumed: for i >= 2 that position holds Y_{i-1}, so a head scores Y_{i-1} with it
-(SpecDec++'s one-token lag: the prediction comes free with the forward that proposes Y_i).
+The engine (and the greedy replay) asks a policy three things, like transformers' candidate generators:
+`begin_round()` gives the most tokens it may draft this round (0 = no speculation), then after every drafted
+token Y_i `keep_drafting(i, token)` says whether to draft Y_{i+1} (the engine also stops at the round maximum
+and at EOS), and after verification `end_round(drafted, accepted)` reports the outcome.
+
+`token` is a `DraftToken`: what the draft knows of Y_i. Its statistics come from the softmax of the draft's raw
+logits in every sampling mode (in greedy mode the decoding distribution is one-hot, which says nothing).
+`hidden` is the draft's final hidden state in the forward that proposed Y_i, i.e. at Y_{i-1}'s position: the
+paper's head reads it as the state *at* Y_{i-1} and scores Y_{i-1} with it (SpecDec++'s one-token lag: the
+prediction comes free with the forward that proposes Y_i); a head that also reads the statistics scores Y_i.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class DraftToken:
+    """What a policy may read of drafted token Y_i (statistics are NaN unless the policy `needs_stats`)."""
+
+    prob: float = math.nan  # q_i(Y_i) under the raw softmax
+    entropy: float = math.nan  # H(q_i) in nats
+    margin: float = math.nan  # top-1 minus top-2 probability of q_i
+    hidden: torch.Tensor | None = None  # [H], the forward that proposed Y_i (needs_hidden only)
 
 
 class LengthPolicy:
     """Base class; subclasses override what they need. `name` and `params` label benchmark records."""
 
     name = "policy"
-    needs_hidden = False  # the engine asks the draft for hidden states only when a policy reads them
+    needs_stats = False  # the engine computes DraftToken statistics only for policies that read them
+    needs_hidden = False  # ... and asks the draft for hidden states only when a policy reads them
     hindsight = False  # oracle only: the engine books the round as if it had stopped before the rejection
 
     def reset(self) -> None:
@@ -28,7 +45,7 @@ class LengthPolicy:
     def begin_round(self) -> int:
         raise NotImplementedError
 
-    def keep_drafting(self, i: int, q_i: float, hidden: torch.Tensor | None) -> bool:
+    def keep_drafting(self, i: int, token: DraftToken) -> bool:
         return True
 
     def end_round(self, drafted: int, accepted: int) -> None:
@@ -105,73 +122,232 @@ def _check_bounds(k_min: int, k_max: int) -> None:
         raise ValueError(f"bounds must satisfy 1 <= K_min <= K_max, got K_min={k_min}, K_max={k_max}")
 
 
-class Confidence(LengthPolicy):
-    """Stop once the draft's probability of its own token falls below h (transformers'
-    `assistant_confidence_threshold`, a DISCO-style rule). The low-confidence token is still submitted."""
+class TokenRule(LengthPolicy):
+    """A per-token stop rule within bounds: draft at least `k_min`, at most `k_max` tokens; in between, go on
+    while `go_on(token)`. The token that trips the rule is still submitted (transformers and SVIP do the same)."""
 
-    name = "confidence"
+    needs_stats = True
 
-    def __init__(self, threshold: float, k_min: int = 1, k_max: int = 20):
-        self.threshold = _check_threshold(threshold)
+    def __init__(self, k_min: int = 1, k_max: int = 20):
         _check_bounds(k_min, k_max)
         self.k_min, self.k_max = k_min, k_max
 
     def begin_round(self) -> int:
         return self.k_max
 
-    def keep_drafting(self, i: int, q_i: float, hidden: torch.Tensor | None) -> bool:
-        return i < self.k_min or q_i >= self.threshold
+    def keep_drafting(self, i: int, token: DraftToken) -> bool:
+        return self.go_on(token) or i < self.k_min
+
+    def go_on(self, token: DraftToken) -> bool:
+        raise NotImplementedError
 
     @property
     def params(self) -> dict:
-        return {"threshold": self.threshold, "k_min": self.k_min, "k_max": self.k_max}
+        return {"k_min": self.k_min, "k_max": self.k_max}
 
 
-class SpecDecPP(LengthPolicy):
+class Confidence(TokenRule):
+    """Stop once the draft's probability of its own token falls below h (transformers'
+    `assistant_confidence_threshold` with a fixed threshold, a DISCO-style rule)."""
+
+    name = "confidence"
+
+    def __init__(self, threshold: float, k_min: int = 1, k_max: int = 20):
+        super().__init__(k_min, k_max)
+        self.threshold = _check_threshold(threshold)
+
+    def go_on(self, token: DraftToken) -> bool:
+        return token.prob >= self.threshold
+
+    @property
+    def params(self) -> dict:
+        return {"threshold": self.threshold, **super().params}
+
+
+def fit_confidence_threshold(probs: torch.Tensor, accepted: torch.Tensor, fn_weight: float = 3.0) -> float:
+    """transformers' ROC re-fit: the threshold t minimising FPR + fn_weight * FNR for the rule "go on while
+    prob >= t" (positive = accepted), over t in {+inf} and the observed probabilities. Ties go to the highest t,
+    as argmin over sklearn's descending `roc_curve` thresholds does."""
+    order = probs.double().argsort(descending=True)
+    p, y = probs.double()[order], accepted.bool()[order]
+    tp, fp = y.cumsum(0).double(), (~y).cumsum(0).double()
+    last_of_tie = torch.cat([p[1:] != p[:-1], torch.tensor([True])])  # "prob >= t" admits a whole tie
+    thresholds = torch.cat([torch.tensor([math.inf], dtype=torch.float64), p[last_of_tie]])
+    tpr = torch.cat([torch.zeros(1, dtype=torch.float64), tp[last_of_tie]]) / max(int(y.sum()), 1)
+    fpr = torch.cat([torch.zeros(1, dtype=torch.float64), fp[last_of_tie]]) / max(int((~y).sum()), 1)
+    return float(thresholds[int(torch.argmin(fpr + fn_weight * (1 - tpr)))])
+
+
+class AdaptiveConfidence(Confidence):
+    """transformers' adaptive confidence (5.24): the confidence rule, its threshold re-fitted after every round
+    from this generation's (draft probability, accepted) pairs by minimising FPR + 3 FNR (`fit_confidence_threshold`).
+    Labels as transformers books them: the accepted tokens are positives, the first rejected one the only negative,
+    later tokens are dropped; a re-fit needs more than 5 pairs of both classes. Starts at `threshold` (HF: 0.4)
+    every generation, and the re-fitted value applies from the next round."""
+
+    name = "adaptive_confidence"
+
+    def __init__(self, threshold: float = 0.4, k_min: int = 1, k_max: int = 20, fn_weight: float = 3.0):
+        super().__init__(threshold, k_min, k_max)
+        self.fn_weight = fn_weight
+        self.reset()
+
+    def reset(self) -> None:
+        self.current, self.probs, self.labels, self.round_probs = self.threshold, [], [], []
+
+    def begin_round(self) -> int:
+        self.round_probs = []
+        return self.k_max
+
+    def go_on(self, token: DraftToken) -> bool:
+        self.round_probs.append(token.prob)
+        return token.prob >= self.current
+
+    def end_round(self, drafted: int, accepted: int) -> None:
+        seen = self.round_probs[: accepted + (accepted < drafted)]
+        self.probs += seen
+        self.labels += [1] * min(accepted, len(seen)) + [0] * (len(seen) - min(accepted, len(seen)))
+        if len(self.probs) > 5 and 0 < sum(self.labels) < len(self.labels):
+            self.current = fit_confidence_threshold(torch.tensor(self.probs), torch.tensor(self.labels), self.fn_weight)
+
+
+class SVIP(TokenRule):
+    """SVIP's entropy cut-off (arXiv 2411.18462, authors' code): stop once sqrt(factor * H) > threshold, i.e.
+    H > threshold^2 / factor nats (0.6 with the defaults 0.3 / 0.15); the round cap defaults to their 40."""
+
+    name = "svip"
+
+    def __init__(self, threshold: float = 0.3, factor: float = 0.15, k_min: int = 1, k_max: int = 40):
+        super().__init__(k_min, k_max)
+        if threshold < 0 or factor <= 0:
+            raise ValueError(f"svip needs threshold >= 0 and factor > 0, got {threshold}, {factor}")
+        self.threshold, self.factor = threshold, factor
+
+    def go_on(self, token: DraftToken) -> bool:
+        return math.sqrt(self.factor * token.entropy) <= self.threshold
+
+    @property
+    def params(self) -> dict:
+        return {"threshold": self.threshold, "factor": self.factor, **super().params}
+
+
+class AdaEDL(TokenRule):
+    """AdaEDL (arXiv 2410.18351): stop once the entropy bound 1 - sqrt(gamma * H) on the token's acceptance
+    falls below lambda; lambda adapts across rounds to the observed acceptance.
+
+    No official code exists; this follows the re-implementation that cites the paper's source (see
+    shared notes): after a round, AR <- b1 AR + (1 - b1) accepted/drafted; lambda' = lambda + eps if AR < alpha,
+    lambda - eps if the round did not accept k_max tokens, else lambda; lambda <- b2 lambda + (1 - b2) lambda'.
+    Choices where sources differ: the check runs after the token is drafted (like SVIP, so no draft pass is
+    wasted), AR starts at alpha and lambda at `lam` every generation, lambda is clamped to [0, 1].
+    """
+
+    name = "adaedl"
+
+    def __init__(self, lam: float = 0.7, gamma: float = 0.2, beta1: float = 0.5, beta2: float = 0.9,
+                 eps: float = 0.01, alpha: float = 0.9, k_min: int = 1, k_max: int = 20):
+        super().__init__(k_min, k_max)
+        self.lam0, self.gamma = _check_threshold(lam), gamma
+        self.beta1, self.beta2, self.eps, self.alpha = beta1, beta2, eps, alpha
+        self.reset()
+
+    def reset(self) -> None:
+        self.lam, self.ar = self.lam0, self.alpha
+
+    def go_on(self, token: DraftToken) -> bool:
+        return 1.0 - math.sqrt(self.gamma * token.entropy) >= self.lam
+
+    def end_round(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.ar = self.beta1 * self.ar + (1 - self.beta1) * accepted / drafted
+        if self.ar < self.alpha:
+            target = self.lam + self.eps
+        elif accepted != self.k_max:
+            target = self.lam - self.eps
+        else:
+            target = self.lam
+        self.lam = min(max(self.beta2 * self.lam + (1 - self.beta2) * target, 0.0), 1.0)
+
+    @property
+    def params(self) -> dict:
+        return {"lam": self.lam0, "gamma": self.gamma, **super().params}
+
+
+class Margin(TokenRule):
+    """Stop once the draft's top-1 minus top-2 probability falls below m: a near-tie is where a draft that is a
+    close copy of the target (another precision, say) disagrees with it."""
+
+    name = "margin"
+
+    def __init__(self, threshold: float, k_min: int = 1, k_max: int = 20):
+        super().__init__(k_min, k_max)
+        self.threshold = _check_threshold(threshold)
+
+    def go_on(self, token: DraftToken) -> bool:
+        return token.margin >= self.threshold
+
+    @property
+    def params(self) -> dict:
+        return {"threshold": self.threshold, **super().params}
+
+
+class SpecDecPP(TokenRule):
     """SpecDec++: stop once the predicted P(at least one rejection) = 1 - prod_j P^_j exceeds h.
 
-    `head` maps a draft hidden state [H] to an acceptance logit (any callable; the trained
-    `AcceptanceHead` is one). P^_j = sigmoid(head(e_j)) predicts P(Y_j accepted | Y_<j accepted).
+    `head` maps a draft hidden state [H] (and, if it has `n_stats > 0`, the token's statistics) to an acceptance
+    logit; any callable works (the trained `AcceptanceHead` is one). P^_j = sigmoid(head(.)) predicts
+    P(Y_j accepted | Y_<j accepted). A hidden-state-only head (the paper's) scores Y_{i-1} when asked after Y_i
+    (the one-token lag); a head with statistics scores Y_i itself.
     """
 
     name = "specdecpp"
     needs_hidden = True
 
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], threshold: float = 0.7,
-                 k_min: int = 2, k_max: int = 20):
+    def __init__(self, head: Callable[..., torch.Tensor], threshold: float = 0.7, k_min: int = 2, k_max: int = 20):
+        super().__init__(k_min, k_max)
         self.head = head
         self.threshold = _check_threshold(threshold)
-        _check_bounds(k_min, k_max)
-        self.k_min, self.k_max = k_min, k_max
+        self.needs_stats = getattr(head, "n_stats", 0) > 0
         self.p_all_accepted = 1.0
         self.predictions: list[float] = []  # P^_j of the current round, for inspection
         # per round: (predicted P(>= 1 rejection) when drafting stopped, whether one happened among the tokens
-        # that prediction covers (Y_1..Y_{K-1}: the last token has no prediction yet), K); read by the benchmark
+        # that prediction covers, K); read by the benchmark
         self.stop_log: list[tuple[float, int, int]] = []
 
     def reset(self) -> None:
         self.stop_log = []
-
-    def end_round(self, drafted: int, accepted: int) -> None:
-        if drafted >= 2:  # a one-token round made no prediction
-            self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < drafted - 1), drafted))
 
     def begin_round(self) -> int:
         self.p_all_accepted = 1.0
         self.predictions = []
         return self.k_max
 
+    def end_round(self, drafted: int, accepted: int) -> None:
+        if self.predictions:  # the predictions cover Y_1..Y_n
+            self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < len(self.predictions)), drafted))
+
     @torch.no_grad()
-    def keep_drafting(self, i: int, q_i: float, hidden: torch.Tensor | None) -> bool:
-        if i >= 2:  # hidden scores Y_{i-1}; at i = 1 it sits on an already verified token
-            p_hat = float(torch.sigmoid(self.head(hidden).float()).reshape(()))
+    def predict(self, token: DraftToken) -> float:
+        if self.needs_stats:
+            from .head import stat_features
+
+            stats = stat_features(torch.tensor(token.prob), torch.tensor(token.entropy), torch.tensor(token.margin))
+            logit = self.head(token.hidden, stats.to(token.hidden.device))
+        else:
+            logit = self.head(token.hidden)
+        return float(torch.sigmoid(logit.float()).reshape(()))
+
+    def keep_drafting(self, i: int, token: DraftToken) -> bool:
+        if self.needs_stats or i >= 2:  # a lagged head at i = 1 would score an already verified token
+            p_hat = self.predict(token)
             self.predictions.append(p_hat)
             self.p_all_accepted *= p_hat
         return i < self.k_min or 1.0 - self.p_all_accepted <= self.threshold
 
     @property
     def params(self) -> dict:
-        return {"threshold": self.threshold, "k_min": self.k_min, "k_max": self.k_max}
+        return {"threshold": self.threshold, **super().params}
 
 
 class Oracle(LengthPolicy):
@@ -204,10 +380,12 @@ def make_policy(name: str, head: Callable | None = None, **params) -> LengthPoli
         if head is None:
             raise ValueError("policy 'specdecpp' needs a head (a trained AcceptanceHead or any callable)")
         return SpecDecPP(head, **params)
-    classes = {c.name: c for c in (TargetOnly, ConstantK, Heuristic, Confidence, Oracle)}
+    classes = {c.name: c for c in (TargetOnly, ConstantK, Heuristic, Confidence, AdaptiveConfidence, SVIP, AdaEDL,
+                                   Margin, Oracle)}
     if name not in classes:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted([*classes, 'specdecpp'])}")
     return classes[name](**params)
 
 
-POLICY_NAMES = ("target", "constant", "heuristic", "confidence", "specdecpp", "oracle")
+POLICY_NAMES = ("target", "constant", "heuristic", "confidence", "adaptive_confidence", "svip", "adaedl", "margin",
+                "specdecpp", "oracle")

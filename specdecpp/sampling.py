@@ -83,3 +83,17 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def n_accepted(accepted: torch.Tensor) -> int:
     """Length of the leading run of True in a 1-D bool tensor: tokens kept before the first rejection."""
     return int((~accepted).cumsum(-1).eq(0).sum())
+
+
+def draft_stats(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What length policies read of the draft's distribution at a drafted token Y, whatever the sampling mode.
+
+    From the softmax of the raw logits [..., V] (temperature 1, no filters; transformers' confidence rule reads
+    the same): q(Y), the entropy H in nats, and the top-1 minus top-2 probability margin. Each [...].
+    """
+    logp = logits.float().log_softmax(-1)
+    q = logp.exp()
+    prob = q.gather(-1, y[..., None].long())[..., 0]
+    entropy = -(q * logp).nan_to_num().sum(-1)
+    top2 = q.topk(2, dim=-1).values
+    return prob, entropy, top2[..., 0] - top2[..., 1]

@@ -6,7 +6,10 @@ per-position acceptance); verification and discard rates are the SpecDec++ paper
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 
 @dataclass
@@ -93,3 +96,16 @@ class GenerationStats:
         """Everything, per-round detail included (for JSONL records)."""
         return {**self.summary(), "round_detail": [asdict(r) for r in self.rounds],
                 "per_position_acceptance": self.per_position_acceptance()}
+
+
+def bootstrap_interval(columns: list[list[float]], statistic: Callable[..., torch.Tensor], n_boot: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(*column_sums)` over items (prompts): each resample draws the
+    same items for every column, so paired quantities (a setting and its baseline on the same prompts) stay
+    paired. `statistic` takes and returns tensors of resampled sums, e.g. lambda n, t: n / t."""
+    x = torch.tensor(columns, dtype=torch.float64)  # [C, n]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(x.shape[1], (n_boot, x.shape[1]), generator=g)
+    values = statistic(*x[:, idx].sum(-1))  # [n_boot]
+    lo, hi = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi

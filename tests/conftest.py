@@ -13,6 +13,20 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from specdecpp.head import AcceptanceHead
+from specdecpp.policies import (
+    SVIP,
+    AdaEDL,
+    AdaptiveConfidence,
+    Confidence,
+    ConstantK,
+    Heuristic,
+    Margin,
+    Oracle,
+    SpecDecPP,
+    TargetOnly,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 
@@ -49,6 +63,23 @@ def noisy_draft(target: LlamaForCausalLM, scale: float, seed: int = 1) -> LlamaF
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
     return draft
+
+
+def all_policies(hidden: int = 32):
+    """One of every policy (SpecDec++ with a stand-in head of each kind), small bounds so rounds vary."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, 1)  # a stand-in for a trained acceptance head
+    stats_head = AcceptanceHead(hidden, num_layers=1, n_stats=3)  # reads the draft's statistics too
+    return [TargetOnly(), ConstantK(1), ConstantK(4), Heuristic(k=3), Confidence(0.5, k_max=6),
+            AdaptiveConfidence(0.4, k_max=6), SVIP(k_max=6), AdaEDL(lam=0.5, k_max=6), Margin(0.3, k_max=6),
+            SpecDecPP(head, threshold=0.5, k_min=1, k_max=6), SpecDecPP(head, threshold=0.9, k_min=2, k_max=10),
+            SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6), Oracle(lookahead=6)]
+
+
+def target_greedy(target, prompt, n):
+    out = target.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
 
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:

@@ -6,7 +6,8 @@ import torch
 from omegaconf.errors import ConfigKeyError
 
 import specdecpp.models
-from specdecpp.bench import Benchmark, PolicySpec, load_config, run_benchmark, suggest_threshold
+from specdecpp.bench import Benchmark, PolicySpec, load_config, run_benchmark
+from specdecpp.costs import suggest_threshold
 from specdecpp.head import AcceptanceHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +115,24 @@ def test_notebook_executes_on_the_tiny_runs(tiny_sweep, tiny_train_run, monkeypa
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # calibration, reliability, Pareto figures
+
+
+def test_replay_is_refused_at_temperature_above_zero(tmp_path, tiny_head):
+    with pytest.raises(ValueError, match="exact for greedy decoding only"):
+        Benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", temperature=1.0))
+
+
+def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path, tiny_head, tiny_sweep):
+    engine_summary, _ = tiny_sweep
+    summary = run_benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", batch_size=2))
+    run = tmp_path / "run"
+    assert (run / "whatif.json").is_file() and (run / "whatif_alpaca.png").is_file()
+    engine = {(r["dataset"], r["setting"]): r for r in engine_summary}
+    for row in summary:  # tiny fp32 models: the replay books exactly what the engine decoded
+        e = engine[(row["dataset"], row["setting"])]
+        assert (row["new_tokens"], row["target_calls"], row["drafted"], row["discarded"]) == \
+            (e["new_tokens"], e["target_calls"], e["drafted"], e["discarded"])
+        lo, hi = row["speedup_ci"]
+        assert lo <= row["speedup"] <= hi
+    whatif = json.loads((run / "whatif.json").read_text())
+    assert whatif["draft_cost_measured"] > 0 and set(whatif["datasets"]) == {"alpaca", "humaneval", "gsm8k"}

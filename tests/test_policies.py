@@ -1,7 +1,25 @@
 import pytest
 import torch
 
-from specdecpp import Confidence, ConstantK, Heuristic, Oracle, SpecDecPP, TargetOnly, make_policy
+import math
+
+from specdecpp.policies import (
+    SVIP,
+    AdaEDL,
+    AdaptiveConfidence,
+    Confidence,
+    ConstantK,
+    DraftToken,
+    Heuristic,
+    Margin,
+    Oracle,
+    SpecDecPP,
+    TargetOnly,
+    fit_confidence_threshold,
+    make_policy,
+)
+
+H = torch.zeros(4)
 
 
 def test_heuristic_follows_the_transformers_rule():
@@ -21,9 +39,9 @@ def test_heuristic_follows_the_transformers_rule():
 def test_confidence_stops_below_threshold_but_respects_k_min():
     c = Confidence(0.4, k_min=2, k_max=10)
     assert c.begin_round() == 10
-    assert c.keep_drafting(1, 0.1, None)  # below K_min: go on regardless
-    assert c.keep_drafting(2, 0.5, None)
-    assert not c.keep_drafting(3, 0.39, None)
+    assert c.keep_drafting(1, DraftToken(prob=0.1))  # below K_min: go on regardless
+    assert c.keep_drafting(2, DraftToken(prob=0.5))
+    assert not c.keep_drafting(3, DraftToken(prob=0.39))
 
 
 def test_specdecpp_stops_when_predicted_rejection_passes_threshold():
@@ -31,12 +49,12 @@ def test_specdecpp_stops_when_predicted_rejection_passes_threshold():
     head = lambda h: torch.logit(torch.tensor(0.8))  # noqa: E731
     pol = SpecDecPP(head, threshold=0.5, k_min=2, k_max=20)
     pol.begin_round()
-    decisions = [pol.keep_drafting(i, 1.0, torch.zeros(4)) for i in range(1, 8)]
+    decisions = [pol.keep_drafting(i, DraftToken(hidden=H)) for i in range(1, 8)]
     # after Y_i the rule has P^_1..P^_{i-1}: 1 - 0.8**(i-1) > 0.5 first holds at i = 5 (0.8**4 = 0.41)
     assert decisions == [True, True, True, True, False, False, False]
     assert pol.predictions == pytest.approx([0.8] * 6)
     pol.begin_round()  # a new round forgets the product
-    assert pol.keep_drafting(2, 1.0, torch.zeros(4))
+    assert pol.keep_drafting(2, DraftToken(hidden=H))
 
 
 def test_make_policy_builds_each_policy_by_name():
@@ -55,7 +73,82 @@ def test_make_policy_builds_each_policy_by_name():
     (lambda: Oracle(0), "lookahead"),
     (lambda: make_policy("fastest"), "unknown policy 'fastest'"),
     (lambda: make_policy("specdecpp"), "needs a head"),
+    (lambda: Margin(0.1, k_min=0), "K_min"),
+    (lambda: SVIP(factor=0), "factor > 0"),
+    (lambda: AdaEDL(lam=2), r"threshold must be in \[0, 1\]"),
 ])
 def test_bad_policy_arguments_are_refused_by_name(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_specdecpp_with_a_statistics_head_scores_the_newest_token():
+    class StatsHead(torch.nn.Module):  # reads the statistics: P^ = q(Y), so the product is prod of q(Y_j)
+        n_stats = 3
+
+        def forward(self, hidden, stats):
+            return torch.logit(stats[0].exp())  # stats[0] = log q(Y)
+
+    pol = SpecDecPP(StatsHead(), threshold=0.5, k_min=1, k_max=20)
+    pol.begin_round()
+    # no lag: Y_1 is scored at i = 1; 1 - 0.9 * 0.7 = 0.37 <= 0.5 goes on, 1 - 0.9 * 0.7 * 0.6 = 0.622 stops
+    decisions = [pol.keep_drafting(i, DraftToken(p, 1.0, 0.5, H)) for i, p in enumerate([0.9, 0.7, 0.6], 1)]
+    assert decisions == [True, True, False]
+    assert pol.predictions == pytest.approx([0.9, 0.7, 0.6], abs=1e-5)
+    pol.end_round(3, 1)  # predictions cover Y_1..Y_3; Y_2 was rejected
+    assert pol.stop_log == [(pytest.approx(0.622, abs=1e-5), 1, 3)]
+
+
+def test_svip_stops_above_its_entropy_cut_off():
+    pol = SVIP()  # sqrt(0.15 H) > 0.3  <=>  H > 0.6 nats
+    assert pol.begin_round() == 40
+    assert pol.keep_drafting(1, DraftToken(entropy=0.59))
+    assert not pol.keep_drafting(2, DraftToken(entropy=0.61))
+
+
+def test_margin_stops_at_a_near_tie():
+    pol = Margin(0.05, k_min=2, k_max=8)
+    assert pol.keep_drafting(1, DraftToken(margin=0.01))  # below K_min
+    assert pol.keep_drafting(2, DraftToken(margin=0.05))
+    assert not pol.keep_drafting(3, DraftToken(margin=0.049))
+
+
+def test_adaedl_rule_and_lambda_updates_match_a_hand_computation():
+    pol = AdaEDL(lam=0.7, gamma=0.2, k_max=10)  # go on while 1 - sqrt(0.2 H) >= lambda
+    assert pol.keep_drafting(1, DraftToken(entropy=0.44))  # 1 - sqrt(0.088) = 0.703
+    assert not pol.keep_drafting(2, DraftToken(entropy=0.46))  # 0.697
+    pol.end_round(4, 1)  # AR = 0.5 * 0.9 + 0.5 * 0.25 = 0.575 < 0.9: lambda' = 0.71; lambda = 0.9*0.7 + 0.1*0.71
+    assert pol.ar == pytest.approx(0.575) and pol.lam == pytest.approx(0.701)
+    pol.ar = 0.95
+    pol.end_round(5, 5)  # AR = 0.975 >= 0.9 and 5 != k_max: lambda' = lambda - 0.01
+    assert pol.lam == pytest.approx(0.701 - 0.001)
+    pol.end_round(10, 10)  # all k_max accepted: lambda stays
+    assert pol.lam == pytest.approx(0.700)
+    pol.reset()
+    assert (pol.lam, pol.ar) == (0.7, 0.9)
+
+
+def test_confidence_threshold_fit_minimises_fpr_plus_three_fnr():
+    probs = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2])
+    accepted = torch.tensor([1, 1, 0, 1, 1, 0, 0])
+    # "go on while prob >= t": t = 0.5 keeps all 4 positives and 1 of 3 negatives: cost 1/3; t = 0.8: 2/3 + 3 * 2/4
+    assert fit_confidence_threshold(probs, accepted) == pytest.approx(0.5)
+    # misses cheap (0.1): t = 0.8 costs 0.1 * 2/4 = 0.05, less than t = 0.9 (0.075) or t = 0.5 (1/3)
+    assert fit_confidence_threshold(probs, accepted, fn_weight=0.1) == pytest.approx(0.8)
+    # the most confident token rejected and misses cheap: "always stop" (t = +inf) is best
+    assert fit_confidence_threshold(torch.tensor([0.9, 0.5]), torch.tensor([0, 1]), fn_weight=0.5) == math.inf
+
+
+def test_adaptive_confidence_books_labels_like_transformers_and_refits():
+    pol = AdaptiveConfidence(threshold=0.4, k_max=10)
+    for probs, accepted in [([0.9, 0.8, 0.3, 0.2], 2), ([0.95, 0.7, 0.6], 3), ([0.85, 0.5], 1)]:
+        pol.begin_round()
+        for i, p in enumerate(probs, 1):
+            pol.keep_drafting(i, DraftToken(prob=p))
+        pol.end_round(len(probs), accepted)
+    # positives: the accepted tokens; one negative per rejected round; later tokens dropped
+    assert pol.probs == [0.9, 0.8, 0.3, 0.95, 0.7, 0.6, 0.85, 0.5]
+    assert pol.labels == [1, 1, 0, 1, 1, 1, 1, 0]
+    assert pol.current == pytest.approx(0.6)  # keeps all 6 positives and excludes both negatives
+    pol.reset()
+    assert pol.current == 0.4 and pol.probs == []

@@ -9,7 +9,7 @@ from conftest import run_script
 from torch.utils.data import DataLoader
 
 from specdecpp.data import EpochSampler, MixedDataset, Record, collate
-from specdecpp.head import AcceptanceHead
+from specdecpp.head import AcceptanceHead, fit_platt, soft_ece
 from specdecpp.module import AcceptanceHeadModule, binary_kl, weighted_bce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,42 @@ def test_tiny_config_trains_end_to_end_and_logs_calibration(tiny_train_run):
             "train/loss"} <= scalars
     assert "val/reliability" in events.Tags()["images"]
     assert AcceptanceHead.from_pretrained(log_dir / "head").hidden_size == 64
+    calibration = json.loads((log_dir / "head" / "calibration.json").read_text())  # Platt, fitted on the dev split
+    assert calibration["ece_soft_after"] <= calibration["ece_soft_before"] + 1e-6
+    assert AcceptanceHead.from_pretrained(log_dir / "head").calibration.tolist() == \
+        pytest.approx([calibration["scale"], calibration["bias"]])
+
+
+def test_a_statistics_head_trains_and_exports(tmp_path):
+    out = run(["fit", "--config", "configs/train/tiny.yaml", "--model.head_stats", "true", "--trainer.max_epochs",
+               "1", "--trainer.default_root_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    head = AcceptanceHead.from_pretrained(tmp_path / "lightning_logs" / "version_0" / "head")
+    assert head.n_stats == 3 and not head.lagged
+    assert head(torch.randn(2, 64), torch.randn(2, 3)).shape == (2,)
+    with pytest.raises(ValueError, match="pass `stats`"):
+        head(torch.randn(2, 64))
+
+
+def test_platt_scaling_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, generator=g) * 3
+    labels = torch.bernoulli(torch.sigmoid(z / 2.5), generator=g)  # true P = sigmoid(z / T), T = 2.5
+    a, b = fit_platt(z, labels)
+    assert a == pytest.approx(1 / 2.5, abs=0.02) and b == pytest.approx(0.0, abs=0.05)
+    assert soft_ece(torch.sigmoid(a * z + b), torch.sigmoid(z / 2.5)) < 0.01 < soft_ece(torch.sigmoid(z), labels)
+
+
+def test_a_calibrated_head_round_trips(tmp_path):
+    head = AcceptanceHead(16, 2, {"name": "x", "hidden_size": 16}, n_stats=3)
+    head.calibration.copy_(torch.tensor([0.4, -1.5]))
+    x, stats = torch.randn(5, 16), torch.randn(5, 3)
+    loaded = AcceptanceHead.from_pretrained(head.save_pretrained(tmp_path / "h"))
+    assert loaded.calibration.tolist() == pytest.approx([0.4, -1.5]) and loaded.n_stats == 3
+    assert torch.allclose(loaded(x, stats), head(x, stats))
+    raw = AcceptanceHead(16, 2, n_stats=3)
+    raw.load_state_dict({k: v for k, v in head.state_dict().items() if k != "calibration"}, strict=False)
+    assert torch.allclose(loaded(x, stats), 0.4 * raw(x, stats) - 1.5, atol=1e-6)
 
 
 def test_unknown_config_key_is_refused(tmp_path):

@@ -1,0 +1,156 @@
+"""Exact replay of greedy speculative decoding: every length policy simulated from one pass of each model.
+
+In greedy mode the output is the target's greedy output X whatever the policy, and a round that starts after
+t committed tokens drafts the draft's greedy run from prompt + X_<t. While that run matches X, its prefix *is*
+X's prefix, so one teacher-forced draft pass over prompt + X gives every run up to its first mismatch, with all
+a policy reads (`DraftToken`: statistics of the raw draft distribution, hidden state). A run leaves X only at a
+mismatch position m (the draft's greedy token D_m != X_m), and what it drafts after D_m depends on m alone:
+a short incremental *branch* from the cached pass, computed once per m, on first use.
+
+`replay_generation` then drives the real policy objects over a `Trace` exactly as `speculative_generate` does,
+with no model call, and returns the same `GenerationStats` (counts and rounds; no times).
+
+Where exactness holds: the replay is the engine's arithmetic up to the draft's floating-point path. The
+teacher-forced pass and the engine's cached incremental forwards compute the same logits in different shapes;
+a near-tie can flip the draft's argmax (in bf16 especially) and statistics differ in the last bits.
+`scripts/replay_check.py` measures how often replayed rounds differ from the engine's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .data import sample_responses
+from .policies import DraftToken, LengthPolicy
+from .sampling import SamplingConfig, draft_stats
+from .stats import GenerationStats, Round
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+@dataclass
+class _Branch:
+    cache: DynamicCache | None  # the draft's cache up to (not including) `feed`
+    feed: int  # the next token to feed
+    steps: list[tuple[int, DraftToken]] = field(default_factory=list)
+
+
+@dataclass
+class Trace:
+    """One prompt: the target's greedy output X and what the draft does at every position of it."""
+
+    prompt: list[int]
+    target: list[int]  # X_0..X_{N-1} (EOS included when the target produced it)
+    draft: list[int]  # D_j: the draft's greedy token given prompt + X_<j
+    tokens: list[DraftToken]  # what a policy reads of D_j
+    eos: set[int] = field(default_factory=set)
+    model: torch.nn.Module | None = None  # the draft, for branches
+    cache: DynamicCache | None = None  # the draft's cache after prompt + X
+    branches: dict[int, _Branch] = field(default_factory=dict)
+
+    @property
+    def mismatches(self) -> list[int]:
+        return [j for j, (d, x) in enumerate(zip(self.draft, self.target)) if d != x]
+
+    def run_token(self, t: int, i: int, first_mismatch: int) -> tuple[int, DraftToken]:
+        """The i-th token (1-based) of the draft's greedy run from prompt + X_<t, whose first mismatch is at
+        `first_mismatch` (>= t)."""
+        j = t + i - 1
+        if j <= first_mismatch:
+            return self.draft[j], self.tokens[j]
+        return self.branch(first_mismatch, j - first_mismatch)
+
+    @torch.inference_mode()
+    def branch(self, m: int, s: int) -> tuple[int, DraftToken]:
+        """Token s (1-based) after D_m of the draft's greedy run from prompt + X_<m + D_m."""
+        b = self.branches.get(m)
+        if b is None:
+            cache = copy.deepcopy(self.cache)
+            cache.crop(len(self.prompt) + m - cache.get_seq_length())  # negative: tokens to remove
+            b = self.branches[m] = _Branch(cache, self.draft[m])
+        while len(b.steps) < s:
+            out = self.model(input_ids=torch.tensor([[b.feed]], device=self.model.device), cache=b.cache,
+                             use_cache=True, logits_to_keep=1, output_hidden_states=True)
+            logits = out.logits[0, -1]
+            y = int(logits.argmax())
+            prob, entropy, margin = map(float, draft_stats(logits, torch.tensor(y, device=logits.device)))
+            b.steps.append((y, DraftToken(prob, entropy, margin, out.hidden_states[-1][0, -1].float().cpu())))
+            b.feed = y
+        return b.steps[s - 1]
+
+    def release(self) -> None:
+        """Drop the caches and the model (what was computed stays usable; new branches cannot be made)."""
+        self.cache, self.model = None, None
+        for b in self.branches.values():
+            b.cache = None
+
+
+@torch.inference_mode()
+def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int]) -> Trace:
+    """The draft's greedy token and features at every response position, from one pass over prompt + X."""
+    cache = DynamicCache(config=draft.config)
+    ids = torch.tensor([prompt + target], device=draft.device)
+    out = draft(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True)
+    at = slice(len(prompt) - 1, len(prompt) + len(target) - 1)  # position t predicts token t + 1
+    logits = out.logits[0, at]
+    d = logits.argmax(-1)
+    prob, entropy, margin = draft_stats(logits, d)
+    hidden = out.hidden_states[-1][0, at].float().cpu()
+    tokens = [DraftToken(float(a), float(b), float(c), h) for a, b, c, h in
+              zip(prob.tolist(), entropy.tolist(), margin.tolist(), hidden)]
+    return Trace(prompt, target, d.tolist(), tokens, eos, draft, cache)
+
+
+def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                eos: set[int], pad_id: int = 0, batch_size: int = 16, progress=None):
+    """Traces of `prompts`: the target's greedy outputs in length-bucketed batches (left padding, real masks),
+    then one teacher-forced draft pass per prompt. Yields (index into `prompts`, Trace), shortest prompts first."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    generator = torch.Generator(device=target.device).manual_seed(0)  # unused in greedy mode
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo: lo + batch_size]
+        outputs = sample_responses(target, [prompts[i] for i in batch], GREEDY, max_new_tokens, eos, pad_id, generator)
+        for i, x in zip(batch, outputs):
+            yield i, teacher_forced(draft, prompts[i], x, eos)
+            if progress is not None:
+                progress.update()
+
+
+def replay_generation(trace: Trace, policy: LengthPolicy, max_new_tokens: int) -> GenerationStats:
+    """Greedy speculative decoding of `trace.prompt` under `policy`, simulated: the rounds, counts and stop reasons
+    `speculative_generate` would book (see the module docstring for where this is exact)."""
+    x, eos, n_out = trace.target, trace.eos, len(trace.target)
+    mismatch = [n_out] * (n_out + 1)  # first mismatch at or after j (n_out: none)
+    for j in range(n_out - 1, -1, -1):
+        mismatch[j] = j if trace.draft[j] != x[j] else mismatch[j + 1]
+    stats = GenerationStats(prompt_tokens=len(trace.prompt), hindsight=policy.hindsight)
+    policy.reset()
+    t = drafted = 0
+    while t < n_out:
+        k_max = min(policy.begin_round(), max_new_tokens - t - 1)
+        cand, stop = [], "limit"
+        while len(cand) < k_max:
+            y, token = trace.run_token(t, len(cand) + 1, mismatch[t])
+            cand.append(y)
+            if y in eos:
+                stop = "eos"
+                break
+            if not policy.keep_drafting(len(cand), token) and len(cand) < k_max:
+                stop = "policy"
+                break
+        k = len(cand)
+        drafted += k
+        n = next((i for i in range(k) if cand[i] != x[t + i]), k)
+        new = cand[:n] + ([] if n and cand[n - 1] in eos else [x[t + n]])
+        stats.rounds.append(Round(drafted=n if policy.hindsight else k, accepted=n, stop=stop))
+        policy.end_round(k, n)
+        t += len(new)
+        if new[-1] in eos:
+            break
+    stats.new_tokens, stats.target_calls = t, len(stats.rounds)
+    stats.draft_calls = drafted
+    return stats

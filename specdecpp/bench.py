@@ -39,7 +39,7 @@ class PolicySpec:
 class BenchConfig:
     target: str = "default"
     draft: Any = None  # a model reference, or an int: a self-draft of the target's first k layers
-    head: str | None = None  # an exported acceptance head directory (needed by `specdecpp` policies)
+    head: str | None = None  # an exported acceptance head directory for `specdecpp` policies (or their params.head)
     datasets: list[str] = field(default_factory=lambda: ["alpaca"])
     split: str = "test"  # Alpaca split; HumanEval and GSM8K are test sets
     data_dir: str | None = None
@@ -70,7 +70,15 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return self.name + "".join(f" {k}={v}" for k, v in self.params.items() if k not in ("k_min", "k_max"))
+        return self.name + "".join(f" {k}={Path(v).name if k == 'head' else v}" for k, v in self.params.items()
+                                   if k not in ("k_min", "k_max"))
+
+    def head_path(self, default: str | None) -> str | None:
+        return self.params.get("head", default) if self.name == "specdecpp" else None
+
+    @property
+    def policy_params(self) -> dict:
+        return {k: v for k, v in self.params.items() if k != "head"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BenchConfig:
@@ -105,35 +113,33 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
     if cfg.mode == "replay" and cfg.temperature != 0:
         raise ValueError(f"replay is exact for greedy decoding only (temperature 0), got temperature "
                          f"{cfg.temperature}: set temperature: 0, or mode: engine to decode and time every setting")
-    needs_head = any(s.name == "specdecpp" for s in settings)
-    if needs_head and not cfg.head:
-        raise ValueError("policy 'specdecpp' needs `head`: the directory of an exported acceptance head")
+    if any(s.name == "specdecpp" and not s.head_path(cfg.head) for s in settings):
+        raise ValueError("policy 'specdecpp' needs `head` (or params.head): the directory of an exported acceptance head")
     for s in settings:  # build each once with a stand-in head: bad parameters fail here, by name
-        make_policy(s.name, head=(lambda h: h) if s.name == "specdecpp" else None, **s.params)
+        make_policy(s.name, head=(lambda h: h) if s.name == "specdecpp" else None, **s.policy_params)
     return settings
 
 
-def check_head_matches_draft(cfg: BenchConfig) -> None:
+def check_heads_match_draft(cfg: BenchConfig, settings: list[Setting]) -> None:
     """Refuse a head trained for another draft, from config files alone (no weights loaded)."""
-    if not cfg.head:
-        return
     from transformers import AutoConfig
 
     from .models import default_draft, precision_draft_dtype, resolve
 
-    path = Path(cfg.head) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no acceptance head at {cfg.head} (expected config.json and model.safetensors)")
-    head = json.loads(path.read_text())
-    draft = default_draft(cfg.target) if cfg.draft is None else cfg.draft
-    of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
-    draft_cfg = AutoConfig.from_pretrained(resolve(cfg.target if of_target else draft))
-    depth = draft if isinstance(draft, int) else draft_cfg.num_hidden_layers
-    trained = head.get("draft") or {}
-    if head["hidden_size"] != draft_cfg.hidden_size or trained.get("num_layers", depth) != depth:
-        raise ValueError(f"acceptance head {cfg.head} was trained on draft {trained.get('name', '?')!r} "
-                         f"(hidden size {head['hidden_size']}, {trained.get('num_layers', '?')} layers), but the "
-                         f"benchmark drafts with hidden size {draft_cfg.hidden_size} and {depth} layers")
+    for head_dir in sorted({s.head_path(cfg.head) for s in settings} - {None}):
+        path = Path(head_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no acceptance head at {head_dir} (expected config.json and model.safetensors)")
+        head = json.loads(path.read_text())
+        draft = default_draft(cfg.target) if cfg.draft is None else cfg.draft
+        of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
+        draft_cfg = AutoConfig.from_pretrained(resolve(cfg.target if of_target else draft))
+        depth = draft if isinstance(draft, int) else draft_cfg.num_hidden_layers
+        trained = head.get("draft") or {}
+        if head["hidden_size"] != draft_cfg.hidden_size or trained.get("num_layers", depth) != depth:
+            raise ValueError(f"acceptance head {head_dir} was trained on draft {trained.get('name', '?')!r} "
+                             f"(hidden size {head['hidden_size']}, {trained.get('num_layers', '?')} layers), but the "
+                             f"benchmark drafts with hidden size {draft_cfg.hidden_size} and {depth} layers")
 
 
 class Callback:
@@ -146,13 +152,13 @@ class Benchmark:
     def __init__(self, cfg: BenchConfig, callbacks: list[Callback] | None = None, pair=None):
         self.cfg = cfg
         self.settings = expand_settings(cfg)
-        check_head_matches_draft(cfg)
+        check_heads_match_draft(cfg, self.settings)
         self.prompts = {d: load_prompts(d, cfg.split if d == "alpaca" or Path(d).suffix else "test",
                                         cfg.prompts_per_dataset, cfg.data_dir) for d in cfg.datasets}
         self.callbacks = callbacks or []
         self.out_dir = Path(cfg.out_dir)
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
-        self.pair, self.head = pair, None
+        self.pair, self.heads = pair, {}
         self.costs: CostModel | None = None  # replay mode: the cost model that prices the counts
         self.records: list[dict] = []
 
@@ -165,14 +171,14 @@ class Benchmark:
 
         if self.pair is None:
             self.pair = load_pair(self.cfg.target, self.cfg.draft, self.cfg.dtype, self.cfg.device)
-        if self.cfg.head:
-            from .head import AcceptanceHead
+        from .head import AcceptanceHead
 
-            self.head = AcceptanceHead.from_pretrained(self.cfg.head).to(self.pair.device).eval()
-            self.head.check_draft(self.pair.draft.config)
+        for head_dir in {s.head_path(self.cfg.head) for s in self.settings} - {None}:
+            self.heads[head_dir] = AcceptanceHead.from_pretrained(head_dir).to(self.pair.device).eval()
+            self.heads[head_dir].check_draft(self.pair.draft.config)
 
     def policy(self, setting: Setting) -> LengthPolicy:
-        return make_policy(setting.name, head=self.head if setting.name == "specdecpp" else None, **setting.params)
+        return make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)), **setting.policy_params)
 
     def run(self) -> list[dict]:
         self._setup()

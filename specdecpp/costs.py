@@ -44,7 +44,7 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, context: int 
                   scored: tuple[int, ...] = (1, 5, 9, 17), repeats: int = 7) -> CostModel:
     """Time, interleaved and best of `repeats`, a cached draft step and target calls scoring k tokens after a
     `context`-token prefix; fit t(k) = a + b (k - 1) by least squares: c = draft step / a, v = b / a."""
-    ids = torch.arange(100, 100 + context, device=target.device)[None]
+    ids = (torch.arange(100, 100 + context, device=target.device) % target.config.vocab_size)[None]
 
     def prefilled(model):
         cache = DynamicCache(config=model.config)

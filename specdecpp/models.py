@@ -266,7 +266,7 @@ def load_draft(target: str | Path, draft: str | Path | int | None, target_model:
 def draft_step_ratio(target: nn.Module, draft: nn.Module, tokens: int = 1, repeats: int = 5) -> float:
     """Measured time of one draft forward over the time of one target forward (`tokens` tokens, best of `repeats`
     after a warm-up call: a first call pays for kernel selection)."""
-    ids = torch.arange(10, 10 + tokens, device=target.device)[None]
+    ids = (torch.arange(10, 10 + tokens, device=target.device) % target.config.vocab_size)[None]
 
     def best(model):
         times = []

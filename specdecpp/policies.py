@@ -235,8 +235,8 @@ class AdaEDL(TokenRule):
     """AdaEDL (arXiv 2410.18351): stop once the entropy bound 1 - sqrt(gamma * H) on the token's acceptance
     falls below lambda; lambda adapts across rounds to the observed acceptance.
 
-    No official code exists; this follows the re-implementation that cites the paper's source (see
-    shared notes): after a round, AR <- b1 AR + (1 - b1) accepted/drafted; lambda' = lambda + eps if AR < alpha,
+    No official code exists; this follows the public re-implementation that cites the paper's LaTeX source:
+    after a round, AR <- b1 AR + (1 - b1) accepted/drafted; lambda' = lambda + eps if AR < alpha,
     lambda - eps if the round did not accept k_max tokens, else lambda; lambda <- b2 lambda + (1 - b2) lambda'.
     Choices where sources differ: the check runs after the token is drafted (like SVIP, so no draft pass is
     wasted), AR starts at alpha and lambda at `lam` every generation, lambda is clamped to [0, 1].

@@ -21,14 +21,15 @@ _PREAMBLE = "Below is an instruction that describes a task. Write a response tha
 HUMANEVAL_TEMPLATE = (_PREAMBLE + "\n\n\n### Instruction:\nCreate a Python script for this problem:\n{prompt}"
                       "\n\n### Response:")
 GSM8K_TEMPLATE = _PREAMBLE + "\n\n### Instruction:\n{question}\n\n### Response: Let's think step by step."
-FILES = {"alpaca": "alpaca/alpaca_data.jsonl.gz", "humaneval": "humaneval/HumanEval.jsonl.gz",
-         "gsm8k": "gsm8k/test.jsonl"}
+FILES = {"alpaca": ["alpaca/alpaca_data.jsonl.gz"], "humaneval": ["humaneval/HumanEval.jsonl.gz"],
+         "gsm8k": ["gsm8k/test.jsonl.gz", "gsm8k/test.jsonl"]}  # the first that exists
+BUNDLED = Path(__file__).resolve().parent / "datasets"  # shipped with the package: see its README for licences
 
 
 def default_data_dir() -> Path:
-    """$SPECDECPP_DATA_DIR, else ../shared/data beside the repository (where this project keeps its copies)."""
+    """$SPECDECPP_DATA_DIR, else the copies bundled with the package."""
     env = os.environ.get("SPECDECPP_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else BUNDLED
 
 
 def read_records(path: Path) -> list[dict]:
@@ -74,10 +75,11 @@ def load_prompts(dataset: str, split: str = "test", limit: int | None = None,
         bodies = [str(r[field]) for r in records]
     else:
         root = Path(data_dir) if data_dir else default_data_dir()
-        path = root / FILES[dataset]
+        path = next((root / f for f in FILES[dataset] if (root / f).is_file()), root / FILES[dataset][0])
         if not path.is_file():
             raise FileNotFoundError(f"{dataset} file not found at {path}: set data_dir (or $SPECDECPP_DATA_DIR) "
-                                    "to the folder that holds alpaca/, gsm8k/ and humaneval/")
+                                    "to a folder that holds alpaca/, gsm8k/ and humaneval/ (or unset both to use "
+                                    "the bundled copies)")
         records = read_records(path)
         if dataset == "alpaca":
             if split not in ALPACA_SPLIT:

@@ -199,3 +199,13 @@ def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
     assert batch["input_ids"].shape[0] == 3 and batch["loss_mask"].any()
     assert len(dm.datasets["train"]) == 6 and len(dm.datasets["val"]) == 2
     AcceptanceDataModule(**kwargs, prepare=False).prepare_data()  # now cached: no error, no work
+
+
+def test_bundled_prompt_sets_load_without_any_data_folder(monkeypatch):
+    """A fresh clone anywhere: with no $SPECDECPP_DATA_DIR the copies shipped in the package are used."""
+    monkeypatch.delenv("SPECDECPP_DATA_DIR", raising=False)
+    from specdecpp.prompts import BUNDLED
+
+    assert len(load_prompts("alpaca", "test")) == 2000 and len(load_prompts("alpaca", "train")) == 40_000
+    assert len(load_prompts("humaneval")) == 164 and len(load_prompts("gsm8k")) == 1319
+    assert load_prompts("gsm8k", limit=1, data_dir=BUNDLED)[0].endswith("Let's think step by step.")

@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 
@@ -181,3 +182,12 @@ def test_distribution_check_rejects_the_draft_distribution(sampling_setup):
     counts, _ = sample_counts(draft, None, TargetOnly(), cfg, seed=11)
     assert chi_square_p_value(counts, expected, N_SAMPLES) < ALPHA
     assert not math.isclose(sum(expected.values()), 0.0)
+
+
+def test_sampling_with_a_precision_draft_matches_the_target_distribution(sampling_setup):
+    """A bf16 copy of the target as draft (mixed dtypes in the acceptance maths): still the target's distribution."""
+    target, _, cfg, expected = sampling_setup
+    draft = copy.deepcopy(target).to(torch.bfloat16)
+    counts, acceptance = sample_counts(target, draft, ConstantK(3), cfg, seed=12)
+    assert acceptance > 0.9  # a close copy
+    assert chi_square_p_value(counts, expected, N_SAMPLES) > ALPHA

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import tiny_llama, word_tokenizer
 
-from specdecpp import ConstantK, SamplingConfig, load_pair, self_draft
+import specdecpp.models
+from specdecpp import ConstantK, Margin, SamplingConfig, TargetOnly, load_pair, self_draft
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 
@@ -67,3 +68,32 @@ def test_self_draft_runs_the_first_k_layers_of_the_target():
     assert len(draft.model.layers) == 2 and len(target.model.layers) == 4
     with pytest.raises(ValueError, match="num_layers < 4"):
         self_draft(target, 4)
+
+
+def test_precision_draft_is_the_target_in_another_dtype(tmp_path):
+    tok = word_tokenizer(WORDS)
+    path = save(tmp_path, "target", tiny_llama(0, vocab=len(tok), sharpness=4.0), tok)
+    pair = load_pair(path, "copy:bfloat16")
+    assert pair.draft.dtype == torch.bfloat16 and pair.target.dtype == torch.float32
+    assert pair.draft is not pair.target and pair.names["draft"] == "copy:bfloat16"
+    for name, t in pair.target.state_dict().items():  # the same weights, rounded
+        assert torch.equal(pair.draft.state_dict()[name], t.to(torch.bfloat16)), name
+    greedy = SamplingConfig(0)
+    reference = pair.generate([3, 4, 5], TargetOnly(), greedy, max_new_tokens=24).tokens  # = HF generate elsewhere
+    for policy in (ConstantK(4), Margin(0.2, k_max=8)):
+        assert pair.generate([3, 4, 5], policy, greedy, max_new_tokens=24).tokens == reference
+
+
+def test_unknown_precision_draft_dtype_is_refused_by_name(tmp_path):
+    tok = word_tokenizer(WORDS)
+    path = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    with pytest.raises(ValueError, match="unknown dtype 'int3' in precision draft 'copy:int3'"):
+        load_pair(path, "copy:int3")
+
+
+def test_a_precision_draft_no_faster_than_the_target_is_reported(tmp_path, monkeypatch):
+    tok = word_tokenizer(WORDS)
+    path = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    monkeypatch.setattr(specdecpp.models, "draft_step_ratio", lambda target, draft: 1.3)
+    with pytest.warns(UserWarning, match="steps at 1.30 of the target's time"):
+        load_pair(path, "copy:bfloat16")

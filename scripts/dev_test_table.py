@@ -63,13 +63,13 @@ def main() -> None:
             ids = sorted(pid for (dd, s, pid) in by if dd == d and s == pick["setting"])
             cols = [[by[(d, s, pid)][k] for pid in ids] for s in (pick["setting"], const, "target")
                     for k in ("new_tokens", "total_s")]
-            diff = sum(by[(d, pick["setting"], p)]["new_tokens"] for p in ids) / sum(
-                by[(d, pick["setting"], p)]["total_s"] for p in ids)
-            base = sum(by[(d, "target", p)]["new_tokens"] for p in ids) / sum(by[(d, "target", p)]["total_s"] for p in ids)
-            c_tps = sum(by[(d, const, p)]["new_tokens"] for p in ids) / sum(by[(d, const, p)]["total_s"] for p in ids)
+            def tps(setting, d=d, ids=ids):
+                return sum(by[(d, setting, p)]["new_tokens"] for p in ids) / sum(by[(d, setting, p)]["total_s"]
+                                                                                  for p in ids)
+
+            diff = (tps(pick["setting"]) - tps(const)) / tps("target")
             dlo, dhi = bootstrap_interval(cols, lambda n, t, nc, tc, nb, tb: (n / t - nc / tc) / (nb / tb))
-            cells.append(f"{row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {(diff - c_tps) / base:+.3f} [{dlo:+.3f}, "
-                         f"{dhi:+.3f}]")
+            cells.append(f"{row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {diff:+.3f} [{dlo:+.3f}, {dhi:+.3f}]")
         lines.append(f"| {v} | {pick['setting']} | " + " | ".join(cells) + " |")
     report("\n".join(lines) + "\n", args.out)
 

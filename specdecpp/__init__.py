@@ -8,11 +8,11 @@ from .policies import (
     AdaEDL,
     AdaptiveConfidence,
     Confidence,
-    DraftToken,
-    Margin,
     ConstantK,
+    DraftToken,
     Heuristic,
     LengthPolicy,
+    Margin,
     Oracle,
     SpecDecPP,
     TargetOnly,
@@ -22,7 +22,7 @@ from .sampling import SamplingConfig
 from .stats import GenerationStats
 
 __all__ = [
-    "POLICY_NAMES", "SVIP", "AdaEDL", "AdaptiveConfidence", "Confidence", "DraftToken", "Margin", "ConstantK", "Generation", "GenerationStats", "Heuristic", "LengthPolicy",
-    "ModelPair", "Oracle", "SamplingConfig", "SpecDecPP", "TargetOnly", "load_pair", "make_policy", "self_draft",
-    "speculative_generate",
+    "POLICY_NAMES", "SVIP", "AdaEDL", "AdaptiveConfidence", "Confidence", "ConstantK", "DraftToken", "Generation",
+    "GenerationStats", "Heuristic", "LengthPolicy", "Margin", "ModelPair", "Oracle", "SamplingConfig", "SpecDecPP",
+    "TargetOnly", "load_pair", "make_policy", "self_draft", "speculative_generate",
 ]

@@ -308,7 +308,7 @@ class AcceptanceDataModule(L.LightningDataModule):
     Args:
         target, draft: model references as in `load_pair` (draft may be a self-draft depth).
         dataset: "alpaca", "humaneval", "gsm8k" or a JSON/JSONL(.gz) prompt file (its `prompt_field` is used).
-        data_dir: folder holding the dataset files (default $SPECDECPP_DATA_DIR, else the copies bundled with specdecpp).
+        data_dir: folder holding the dataset files (default $SPECDECPP_DATA_DIR, else the bundled copies).
         train_prompts, val_prompts: how many prompts of the train and dev splits (Alpaca; a file is split in order).
         prepare: run preparation in `prepare_data` if the cache is missing; False makes a missing cache an error.
     """

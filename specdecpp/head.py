@@ -35,7 +35,7 @@ STATS_WIDTH = 32
 
 
 def stat_features(prob: torch.Tensor, entropy: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """[...] draft statistics -> [..., 3] head inputs, on log scales where near-ties and low confidence live."""
+    """[...] draft statistics -> [..., 3] head inputs, log scales where near-ties and low confidence live."""
     return torch.stack([prob.float().clamp_min(1e-6).log(), entropy.float(), margin.float().clamp_min(1e-4).log()], -1)
 
 
@@ -51,7 +51,7 @@ class AcceptanceHead(nn.Module):
         self.out = nn.Linear(hidden_size, 1)
         if n_stats:
             self.stats = nn.Sequential(nn.Linear(n_stats, STATS_WIDTH), nn.SiLU(), nn.Linear(STATS_WIDTH, 1))
-        # post-hoc Platt scaling (a, b): logit -> a logit + b, fitted on the dev split after training; identity until then
+        # post-hoc Platt scaling (a, b): logit -> a logit + b, fitted on the dev split after training (else identity)
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     @property

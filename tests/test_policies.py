@@ -1,7 +1,7 @@
+import math
+
 import pytest
 import torch
-
-import math
 
 from specdecpp.policies import (
     SVIP,

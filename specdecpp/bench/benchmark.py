@@ -1,0 +1,117 @@
+"""The benchmark module: `Benchmark.run()` walks datasets x seeds x prompts and, for each prompt, every policy
+setting in turn (the target-only baseline first), so every speedup is a ratio measured side by side in one process.
+In engine mode every setting is decoded and timed; in replay mode (greedy only) every setting is simulated from one
+pass of each model per prompt (`specdecpp.replay`) and priced by a cost model measured in the same run."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from ..costs import CostModel, fit_cost_model, measure_costs
+from ..policies import LengthPolicy, make_policy
+from ..prompts import load_prompts
+from ..sampling import SamplingConfig
+from .callbacks import Callback, default_callbacks
+from .config import BenchConfig, Setting, check_heads_match_draft, expand_settings
+from .summary import summarize
+
+
+class Benchmark:
+    def __init__(self, cfg: BenchConfig, callbacks: list[Callback] | None = None, pair=None):
+        self.cfg = cfg
+        self.settings = expand_settings(cfg)
+        check_heads_match_draft(cfg, self.settings)
+        self.prompts = {d: load_prompts(d, cfg.split if d == "alpaca" or Path(d).suffix else "test",
+                                        cfg.prompts_per_dataset, cfg.data_dir) for d in cfg.datasets}
+        self.callbacks = callbacks or []
+        self.out_dir = Path(cfg.out_dir)
+        self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
+        self.pair, self.heads = pair, {}
+        self.costs: CostModel | None = None  # replay mode: the cost model that prices the counts
+        self.records: list[dict] = []
+
+    @property
+    def total(self) -> int:
+        return sum(map(len, self.prompts.values())) * len(self.cfg.seeds) * len(self.settings)
+
+    def _setup(self) -> None:
+        from ..models import load_pair
+
+        if self.pair is None:
+            self.pair = load_pair(self.cfg.target, self.cfg.draft, self.cfg.dtype, self.cfg.device)
+        from ..head import AcceptanceHead
+
+        for head_dir in {s.head_path(self.cfg.head) for s in self.settings} - {None}:
+            self.heads[head_dir] = AcceptanceHead.from_pretrained(head_dir).to(self.pair.device).eval()
+            self.heads[head_dir].check_draft(self.pair.draft.config)
+
+    def policy(self, setting: Setting) -> LengthPolicy:
+        return make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)), **setting.policy_params)
+
+    def run(self) -> list[dict]:
+        self._setup()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.mode == "replay":
+            self.costs = self._replay_costs()
+        for cb in self.callbacks:
+            cb.on_start(self)
+        if self.cfg.warmup and self.cfg.mode == "engine":  # first calls pay for allocation and kernel selection
+            first = next(iter(self.prompts.values()))[0]
+            for s in self.settings:
+                self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
+        for dataset, prompts in self.prompts.items():
+            runs = self._replayed(prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
+            for seed, pid, generate in runs:
+                for s in self.settings:  # interleaved per prompt: machine noise hits every setting alike
+                    policy = self.policy(s)
+                    stats = generate(policy)
+                    record = {"dataset": dataset, "prompt_id": pid, "seed": seed, "policy": s.name,
+                              "params": s.params, "setting": s.label, "mode": self.cfg.mode, **stats.to_dict(),
+                              "stop_log": getattr(policy, "stop_log", None)}
+                    self.records.append(record)
+                    for cb in self.callbacks:
+                        cb.on_record(self, record)
+        summary = summarize(self.records, self.cfg.bootstrap)
+        if self.cfg.mode == "engine":
+            fit_cost_model(self.records, summary)
+        for cb in self.callbacks:
+            cb.on_end(self, summary)
+        return summary
+
+    def _decoded(self, prompts: list[str]):
+        """Engine mode: (seed, prompt id, decode-and-time under a policy) per prompt and seed."""
+        for seed, (pid, prompt) in itertools.product(self.cfg.seeds, enumerate(prompts)):
+            ids = self.pair.encode(prompt)
+            yield seed, pid, lambda policy, ids=ids, seed=seed: self.pair.generate(
+                ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed).stats
+
+    def _replayed(self, prompts: list[str]):
+        """Replay mode: (seed, prompt id, simulate under a policy), priced by the cost model, per prompt."""
+        from ..data import pad_token_id
+        from ..replay import make_traces, replay_generation
+
+        tok = self.pair.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        traces = make_traces(self.pair.target, self.pair.draft, [self.pair.encode(p) for p in prompts],
+                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.batch_size)
+        for pid, trace in traces:
+            def simulate(policy, trace=trace):
+                stats = replay_generation(trace, policy, self.cfg.max_new_tokens)
+                stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted)
+                return stats
+            yield self.cfg.seeds[0], pid, simulate
+            trace.release()
+
+    def _replay_costs(self) -> CostModel:
+        measured = measure_costs(self.pair.target, self.pair.draft)
+        return CostModel(measured.target_s, measured.draft if self.cfg.draft_cost is None else self.cfg.draft_cost,
+                         measured.verify if self.cfg.verify_cost is None else self.cfg.verify_cost)
+
+
+def run_benchmark(cfg: BenchConfig, callbacks: list[Callback] | None = None) -> list[dict]:
+    t = time.perf_counter()
+    summary = Benchmark(cfg, default_callbacks() if callbacks is None else callbacks).run()
+    print(f"benchmark took {time.perf_counter() - t:.0f} s")
+    return summary

@@ -1,0 +1,154 @@
+"""What observes a benchmark run: progress bar, JSONL and CSV files, plots, TensorBoard, stop calibration,
+the cost what-if and the console table. Each sees `on_start`, `on_record` (after each generation) and `on_end`
+(with the summary), like Lightning callbacks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import OmegaConf
+
+from .summary import format_summary
+
+if TYPE_CHECKING:
+    from .benchmark import Benchmark
+
+
+class Callback:
+    def on_start(self, bench: Benchmark) -> None: ...
+    def on_record(self, bench: Benchmark, record: dict) -> None: ...
+    def on_end(self, bench: Benchmark, summary: list[dict]) -> None: ...
+
+
+class ProgressBar(Callback):
+    def on_start(self, bench):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=bench.total, desc="bench", unit="gen")
+
+    def on_record(self, bench, record):
+        self.bar.set_postfix_str(f"{record['dataset']} {record['setting']} {record['tokens_per_s']:.1f} tok/s")
+        self.bar.update()
+
+    def on_end(self, bench, summary):
+        self.bar.close()
+
+
+class JsonlWriter(Callback):
+    """records.jsonl as the run goes (nothing lost if it is interrupted), then summary.json and summary.csv."""
+
+    def on_start(self, bench):
+        self.file = (bench.out_dir / "records.jsonl").open("w")
+        (bench.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(bench.cfg)))
+
+    def on_record(self, bench, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def on_end(self, bench, summary):
+        self.file.close()
+        (bench.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        cols = [k for k in summary[0] if k not in ("params", "per_prompt_tokens_per_s")]
+        with (bench.out_dir / "summary.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(summary)
+
+
+class ParetoPlot(Callback):
+    """pareto_<dataset>.png: discard rate against verification rate (lower left is better), one marker per policy."""
+
+    def on_end(self, bench, summary):
+        from ..plots import pareto_figure
+
+        self.figures = {}
+        for dataset in bench.prompts:
+            fig = pareto_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}")
+            fig.savefig(bench.out_dir / f"pareto_{Path(dataset).stem}.png", dpi=120)
+            self.figures[dataset] = fig
+
+
+class TensorBoardLogger(Callback):
+    """Scalars per setting (tokens/s, speedup, verification and discard rates) and the Pareto figures."""
+
+    def on_end(self, bench, summary):
+        from torch.utils.tensorboard import SummaryWriter
+
+        from ..plots import pareto_figure
+
+        with SummaryWriter(str(bench.out_dir / "tensorboard")) as tb:
+            for row in summary:
+                for key in ("tokens_per_s", "speedup", "verification_rate", "discard_rate", "mean_acceptance_length"):
+                    tb.add_scalar(f"{row['dataset']}/{row['setting']}/{key}", row[key], 0)
+            for dataset in bench.prompts:
+                tb.add_figure(f"{dataset}/pareto", pareto_figure([r for r in summary if r["dataset"] == dataset],
+                                                                 title=dataset), 0)
+
+
+class StopCalibration(Callback):
+    """SpecDec++ rows: predicted P(>= 1 rejection) when drafting stopped vs whether verification found one."""
+
+    def on_end(self, bench, summary):
+        from ..plots import stop_calibration_figure
+
+        rows = [(p, hit) for r in bench.records if r["policy"] == "specdecpp" for p, hit, _ in (r["stop_log"] or [])]
+        if not rows:
+            return
+        pred = torch.tensor([p for p, _ in rows])
+        hit = torch.tensor([h for _, h in rows], dtype=torch.float)
+        bins = (pred * 10).long().clamp(0, 9)
+        table = [{"bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}", "rounds": int((bins == b).sum()),
+                  "predicted": float(pred[bins == b].mean()), "realised": float(hit[bins == b].mean())}
+                 for b in range(10) if (bins == b).any()]
+        result = {"rounds": len(rows), "mean_predicted": float(pred.mean()), "mean_realised": float(hit.mean()),
+                  "bins": table}
+        (bench.out_dir / "stop_calibration.json").write_text(json.dumps(result, indent=2))
+        stop_calibration_figure(table).savefig(bench.out_dir / "stop_calibration.png", dpi=120)
+
+
+class WhatIf(Callback):
+    """Replay mode: predicted speedup of the best setting of each policy as the draft cost c varies (the verify
+    cost v as measured), whatif_<dataset>.png and whatif.json with the gap SpecDec++ closes between the best
+    constant K and the oracle at the measured c and at c = 0.05 and 0.2."""
+
+    COSTS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+    def on_end(self, bench, summary):
+        if bench.costs is None:
+            return
+        from ..costs import best_per_policy, gap_closed, whatif
+        from ..plots import whatif_figure
+
+        c_measured = bench.costs.draft
+        grid = sorted({*self.COSTS, round(c_measured, 4)})
+        result = {"draft_cost_measured": c_measured, "verify_cost": bench.costs.verify, "draft_costs": grid,
+                  "datasets": {}}
+        for dataset in bench.prompts:
+            rows = [r for r in summary if r["dataset"] == dataset]
+            best = best_per_policy(whatif(rows, grid, bench.costs.verify), rows)
+            gaps = {}
+            if {"specdecpp", "constant", "oracle"} <= set(best):
+                gaps = {f"c={c:g}": gap_closed(best, grid.index(c)) for c in (round(c_measured, 4), 0.05, 0.2)}
+            result["datasets"][dataset] = {"best_speedup": best, "gap_closed": gaps}
+            whatif_figure(grid, best, c_measured, title=dataset).savefig(
+                bench.out_dir / f"whatif_{Path(dataset).stem}.png", dpi=120)
+        (bench.out_dir / "whatif.json").write_text(json.dumps(result, indent=2))
+        self.result = result
+
+
+class ConsoleSummary(Callback):
+    """The table people read first, then the cost-model check, the threshold suggestion and where files are."""
+
+    def on_end(self, bench, summary):
+        print(format_summary(summary, bench.prompts, bench.costs))
+        print(f"\nrun directory: {bench.out_dir}  (records.jsonl, summary.csv/json, pareto_*.png, "
+              f"tensorboard/: tensorboard --logdir {bench.out_dir / 'tensorboard'})")
+
+
+def default_callbacks() -> list[Callback]:
+    return [ProgressBar(), JsonlWriter(), ParetoPlot(), TensorBoardLogger(), StopCalibration(), WhatIf(),
+            ConsoleSummary()]

@@ -1,0 +1,131 @@
+"""The sweep's configuration: an omegaconf dataclass schema, YAML plus `key=value` overrides, expanded into
+settings (one policy with fixed parameters each) and checked before any model loads."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ..policies import POLICY_NAMES, make_policy
+
+
+@dataclass
+class PolicySpec:
+    """One policy with fixed `params` and a `grid` of values to sweep (every combination is one setting)."""
+
+    name: str = "target"
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    target: str = "default"
+    draft: Any = None  # a model reference, or an int: a self-draft of the target's first k layers
+    head: str | None = None  # an exported acceptance head directory for `specdecpp` policies (or their params.head)
+    datasets: list[str] = field(default_factory=lambda: ["alpaca"])
+    split: str = "test"  # Alpaca split; HumanEval and GSM8K are test sets
+    data_dir: str | None = None
+    prompts_per_dataset: int = 4
+    seeds: list[int] = field(default_factory=lambda: [0])
+    policies: list[PolicySpec] = field(default_factory=lambda: [PolicySpec("target")])
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    warmup: bool = True
+    out_dir: str = "runs/bench"
+    # "engine": decode every setting and time it; "replay": greedy only, simulate every setting from one pass of
+    # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
+    mode: str = "engine"
+    batch_size: int = 16  # replay: prompts per batched target generation
+    draft_cost: float | None = None  # replay: c, a draft step in target calls (None: measured in this run)
+    verify_cost: float | None = None  # replay: v, each extra scored token in target calls (None: measured)
+    bootstrap: int = 2000  # resamples of prompts for the 95% intervals
+
+
+@dataclass
+class Setting:
+    name: str
+    params: dict
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f" {k}={Path(v).name if k == 'head' else v}" for k, v in self.params.items()
+                                   if k not in ("k_min", "k_max"))
+
+    def head_path(self, default: str | None) -> str | None:
+        return self.params.get("head", default) if self.name == "specdecpp" else None
+
+    @property
+    def policy_params(self) -> dict:
+        return {k: v for k, v in self.params.items() if k != "head"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BenchConfig:
+    """Schema defaults, then the YAML file, then `key=value` overrides; unknown keys and bad types raise."""
+    cfg = OmegaConf.structured(BenchConfig)
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"benchmark config not found: {path}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(cfg)
+
+
+def expand_settings(cfg: BenchConfig) -> list[Setting]:
+    """Every policy setting of the sweep, target-only first; refuses a bad sweep before any model loads."""
+    settings = [Setting("target", {})]
+    for spec in cfg.policies:
+        if spec.name not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {spec.name!r}; choose from {list(POLICY_NAMES)}")
+        if spec.name == "target":
+            continue
+        keys = list(spec.grid)
+        for values in itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]:
+            settings.append(Setting(spec.name, {**spec.params, **dict(zip(keys, values))}))
+    if len(settings) == 1:
+        raise ValueError("the sweep is empty: list at least one speculative policy under `policies`")
+    if not cfg.datasets or cfg.prompts_per_dataset < 1 or not cfg.seeds:
+        raise ValueError("the sweep is empty: it needs datasets, prompts_per_dataset >= 1 and seeds")
+    if cfg.mode not in ("engine", "replay"):
+        raise ValueError(f"mode must be 'engine' or 'replay', got {cfg.mode!r}")
+    if cfg.mode == "replay" and cfg.temperature != 0:
+        raise ValueError(f"replay is exact for greedy decoding only (temperature 0), got temperature "
+                         f"{cfg.temperature}: set temperature: 0, or mode: engine to decode and time every setting")
+    if any(s.name == "specdecpp" and not s.head_path(cfg.head) for s in settings):
+        raise ValueError("policy 'specdecpp' needs `head` (or params.head): the directory of an exported "
+                         "acceptance head")
+    for s in settings:  # build each once with a stand-in head: bad parameters fail here, by name
+        make_policy(s.name, head=(lambda h: h) if s.name == "specdecpp" else None, **s.policy_params)
+    return settings
+
+
+def check_heads_match_draft(cfg: BenchConfig, settings: list[Setting]) -> None:
+    """Refuse a head trained for another draft, from config files alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from ..models import default_draft, precision_draft_dtype, resolve
+
+    for head_dir in sorted({s.head_path(cfg.head) for s in settings} - {None}):
+        path = Path(head_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no acceptance head at {head_dir} (expected config.json and model.safetensors)")
+        head = json.loads(path.read_text())
+        draft = default_draft(cfg.target) if cfg.draft is None else cfg.draft
+        of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
+        draft_cfg = AutoConfig.from_pretrained(resolve(cfg.target if of_target else draft))
+        depth = draft if isinstance(draft, int) else draft_cfg.num_hidden_layers
+        trained = head.get("draft") or {}
+        if head["hidden_size"] != draft_cfg.hidden_size or trained.get("num_layers", depth) != depth:
+            raise ValueError(f"acceptance head {head_dir} was trained on draft {trained.get('name', '?')!r} "
+                             f"(hidden size {head['hidden_size']}, {trained.get('num_layers', '?')} layers), but the "
+                             f"benchmark drafts with hidden size {draft_cfg.hidden_size} and {depth} layers")

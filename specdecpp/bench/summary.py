@@ -1,0 +1,104 @@
+"""From per-generation records to per-setting rows: ratios of sums, speedups against the same run's baseline,
+bootstrap intervals over prompts; and the console table."""
+
+from __future__ import annotations
+
+from ..costs import CostModel, suggest_threshold
+from ..stats import bootstrap_interval
+
+
+def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
+    """Per (dataset, setting): ratios of sums over prompts, speedup against the same run's target-only rows, and
+    95% bootstrap intervals over prompts (speedups resampled paired with the baseline's same prompts)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["setting"]), []).append(r)
+    rows = []
+    for (dataset, setting), rs in groups.items():
+        n = sum(r["new_tokens"] for r in rs)
+        secs = sum(r["total_s"] for r in rs)
+        prefill = sum(r["prefill_s"] for r in rs)
+        calls, discarded = [r["target_calls"] for r in rs], [r["discarded"] for r in rs]
+        tokens = [r["new_tokens"] for r in rs]
+        rows.append({"dataset": dataset, "setting": setting, "policy": rs[0]["policy"], "params": rs[0]["params"],
+                     "prompts": len(rs), "new_tokens": n, "seconds": secs, "prefill_s": prefill,
+                     "tokens_per_s": n / secs,
+                     "target_calls": sum(calls),
+                     "draft_calls": sum(r["draft_calls"] for r in rs),
+                     "drafted": sum(r["drafted"] for r in rs), "discarded": sum(discarded),
+                     "verification_rate": sum(calls) / n,
+                     "verification_rate_ci": bootstrap_interval([calls, tokens], lambda a, b: a / b, n_boot),
+                     "discard_rate": sum(discarded) / n,
+                     "discard_rate_ci": bootstrap_interval([discarded, tokens], lambda a, b: a / b, n_boot),
+                     "mean_acceptance_length": n / sum(calls),
+                     "per_prompt_tokens_per_s": [r["tokens_per_s"] for r in rs]})
+    for row in rows:
+        mine = groups[(row["dataset"], row["setting"])]
+        base_row = next(b for b in rows if b["dataset"] == row["dataset"] and b["policy"] == "target")
+        base = {(r["prompt_id"], r["seed"]): r for r in groups[(row["dataset"], base_row["setting"])]}
+        paired = [(r, base[(r["prompt_id"], r["seed"])]) for r in mine]
+        row["speedup"] = row["tokens_per_s"] / base_row["tokens_per_s"]
+        row["speedup_ci"] = bootstrap_interval(
+            [[r["new_tokens"] for r, _ in paired], [r["total_s"] for r, _ in paired],
+             [b["new_tokens"] for _, b in paired], [b["total_s"] for _, b in paired]],
+            lambda n, t, nb, tb: (n / t) / (nb / tb), n_boot)
+        per = [(r["new_tokens"] / r["total_s"]) / (b["new_tokens"] / b["total_s"]) for r, b in paired]
+        row["speedup_min"], row["speedup_max"] = min(per), max(per)
+    return rows
+
+
+def best_by_policy(summary: list[dict], dataset: str) -> dict[str, dict]:
+    best: dict[str, dict] = {}
+    for row in summary:
+        if row["dataset"] == dataset and (row["policy"] not in best
+                                          or row["tokens_per_s"] > best[row["policy"]]["tokens_per_s"]):
+            best[row["policy"]] = row
+    return best
+
+
+def best_setting(rows: list[dict]) -> dict | None:
+    """The fastest speculative setting of one dataset's rows (the oracle is a bound, not a setting)."""
+    rows = [r for r in rows if r["policy"] not in ("target", "oracle")]
+    return max(rows, key=lambda r: r["speedup"]) if rows else None
+
+
+def format_summary(summary: list[dict], datasets, costs: CostModel | None = None) -> str:
+    """One table per dataset; "~" marks settings whose speedup interval overlaps the best setting's."""
+    cols = [("setting", 34, "s"), ("tokens_per_s", 8, ".2f"), ("speedup", 7, ".3f"), ("ci", 15, "s"), ("mark", 1, "s"),
+            ("verification_rate", 7, ".3f"), ("discard_rate", 7, ".3f"), ("mean_acceptance_length", 7, ".2f")]
+    if costs is None:
+        cols.append(("cost_model_error", 7, ".1%"))
+    heads = {"tokens_per_s": "tok/s" if costs is None else "pred.t/s", "verification_rate": "verif",
+             "discard_rate": "discard", "mean_acceptance_length": "acc.len", "cost_model_error": "model",
+             "ci": "95% interval", "mark": "~"}
+    out = []
+    for dataset in datasets:
+        rows = [r for r in summary if r["dataset"] == dataset]
+        best = best_setting(rows)
+        out.append(f"\n== {dataset} ({rows[0]['prompts']} generations per setting"
+                   + (", replayed: speeds predicted from counts)" if costs else ")"))
+        out.append("  ".join(f"{heads.get(c, c):<{w}}" if c == "setting" else f"{heads.get(c, c):>{w}}"
+                             for c, w, _ in cols))
+        for r in rows:
+            lo, hi = r["speedup_ci"]
+            overlaps = best is not None and r["policy"] not in ("target", "oracle") and lo <= best["speedup_ci"][1] \
+                and hi >= best["speedup_ci"][0]
+            cells = {**r, "ci": f"[{lo:.3f}, {hi:.3f}]", "mark": "~" if overlaps else ""}
+            out.append("  ".join(f"{cells[c]:<{w}{f}}" if c == "setting" else f"{cells[c]:>{w}{f}}"
+                                 for c, w, f in cols))
+        by_policy = best_by_policy(summary, dataset)
+        if costs is None:
+            t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
+            errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
+            out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call (+ "
+                       f"measured prefill); max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
+            h = suggest_threshold(t_d, t_t)
+        else:
+            out.append(f"cost model (in target calls of {costs.target_s * 1e3:.1f} ms): draft step c = "
+                       f"{costs.draft:.3f}, each extra scored token v = {costs.verify:.3f}; prompt prefill not counted")
+            h = costs.threshold()
+        line = f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"
+        if "specdecpp" in by_policy:
+            line += f"; swept best: {by_policy['specdecpp']['setting']} ({by_policy['specdecpp']['speedup']:.3f}x)"
+        out.append(line)
+    return "\n".join(out)

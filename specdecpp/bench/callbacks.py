@@ -15,13 +15,15 @@ from omegaconf import OmegaConf
 from .summary import format_summary
 
 if TYPE_CHECKING:
-    from .benchmark import Benchmark
+    pass
 
 
 class Callback:
-    def on_start(self, bench: Benchmark) -> None: ...
-    def on_record(self, bench: Benchmark, record: dict) -> None: ...
-    def on_end(self, bench: Benchmark, summary: list[dict]) -> None: ...
+    """Hooks a `Benchmark` calls with itself as `bench`."""
+
+    def on_start(self, bench) -> None: ...
+    def on_record(self, bench, record: dict) -> None: ...
+    def on_end(self, bench, summary: list[dict]) -> None: ...
 
 
 class ProgressBar(Callback):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _report import report
 
-from specdecpp.stats import bootstrap_interval
+from specdecpp.bench.summary import paired_difference
 
 
 def variant(row: dict) -> str:
@@ -48,7 +48,6 @@ def main() -> None:
         if v not in chosen or score > chosen[v]["score"]:
             chosen[v] = {"setting": row["setting"], "score": score}
     datasets = list(dict.fromkeys(r["dataset"] for r in test))
-    by = {(r["dataset"], r["setting"], r["prompt_id"]): r for r in records}
     lines = [f"Settings chosen on {args.dev} (best dev speedup per policy), reported on {args.test}: speedup over "
              f"target-only with its 95% bootstrap interval over prompts, then the paired difference to the chosen "
              f"constant K.\n",
@@ -60,15 +59,7 @@ def main() -> None:
         for d in datasets:
             row = next(r for r in test if r["dataset"] == d and r["setting"] == pick["setting"])
             lo, hi = row["speedup_ci"]
-            ids = sorted(pid for (dd, s, pid) in by if dd == d and s == pick["setting"])
-            cols = [[by[(d, s, pid)][k] for pid in ids] for s in (pick["setting"], const, "target")
-                    for k in ("new_tokens", "total_s")]
-            def tps(setting, d=d, ids=ids):
-                return sum(by[(d, setting, p)]["new_tokens"] for p in ids) / sum(by[(d, setting, p)]["total_s"]
-                                                                                  for p in ids)
-
-            diff = (tps(pick["setting"]) - tps(const)) / tps("target")
-            dlo, dhi = bootstrap_interval(cols, lambda n, t, nc, tc, nb, tb: (n / t - nc / tc) / (nb / tb))
+            diff, (dlo, dhi) = paired_difference(records, d, pick["setting"], const)
             cells.append(f"{row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {diff:+.3f} [{dlo:+.3f}, {dhi:+.3f}]")
         lines.append(f"| {v} | {pick['setting']} | " + " | ".join(cells) + " |")
     report("\n".join(lines) + "\n", args.out)

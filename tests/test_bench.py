@@ -136,3 +136,15 @@ def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path
         assert lo <= row["speedup"] <= hi
     whatif = json.loads((run / "whatif.json").read_text())
     assert whatif["draft_cost_measured"] > 0 and set(whatif["datasets"]) == {"alpaca", "humaneval", "gsm8k"}
+
+
+def test_paired_difference_is_the_difference_of_speedups_with_an_interval_around_it(tiny_sweep):
+    from specdecpp.bench.summary import paired_difference
+
+    summary, run = tiny_sweep
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    rows = {r["setting"]: r for r in summary if r["dataset"] == "alpaca"}
+    d, (lo, hi) = paired_difference(records, "alpaca", "constant k=3", "constant k=1")
+    assert d == pytest.approx(rows["constant k=3"]["speedup"] - rows["constant k=1"]["speedup"])
+    assert lo <= d <= hi
+    assert paired_difference(records, "alpaca", "constant k=3", "constant k=3") == (0.0, (0.0, 0.0))

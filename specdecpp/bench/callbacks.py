@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import OmegaConf
 
-from .summary import format_summary
+from .summary import format_summary, verdict
 
 if TYPE_CHECKING:
     pass
@@ -147,6 +147,10 @@ class ConsoleSummary(Callback):
 
     def on_end(self, bench, summary):
         print(format_summary(summary, bench.prompts, bench.costs))
+        for dataset in bench.prompts:
+            line = verdict(bench.records, summary, dataset)
+            if line:
+                print(line)
         print(f"\nrun directory: {bench.out_dir}  (records.jsonl, summary.csv/json, pareto_*.png, "
               f"tensorboard/: tensorboard --logdir {bench.out_dir / 'tensorboard'})")
 

@@ -47,6 +47,35 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
     return rows
 
 
+def paired_difference(records: list[dict], dataset: str, setting: str, other: str, n_boot: int = 2000,
+                      ) -> tuple[float, tuple[float, float]]:
+    """speedup(setting) - speedup(other) over the same prompts of `dataset`, with its 95% bootstrap interval (each
+    resample draws the same prompts for both settings and the target-only baseline)."""
+    by = {(r["setting"], r["prompt_id"], r["seed"]): r for r in records if r["dataset"] == dataset}
+    keys = sorted({(p, s) for (name, p, s) in by if name == setting})
+    base = next(r["setting"] for r in records if r["dataset"] == dataset and r["policy"] == "target")
+    cols = [[by[(name, *k)][f] for k in keys] for name in (setting, other, base) for f in ("new_tokens", "total_s")]
+
+    def diff(n, t, n_o, t_o, n_b, t_b):
+        return (n / t - n_o / t_o) / (n_b / t_b)
+
+    sums = [sum(c) for c in cols]
+    return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot)
+
+
+def verdict(records: list[dict], summary: list[dict], dataset: str) -> str | None:
+    """One sentence: did the best SpecDec++ setting beat the best constant K on `dataset`, by how much (paired)."""
+    best = best_by_policy(summary, dataset)
+    if not {"specdecpp", "constant"} <= set(best):
+        return None
+    s, c = best["specdecpp"], best["constant"]
+    d, (lo, hi) = paired_difference(records, dataset, s["setting"], c["setting"])
+    outcome = "beat" if lo > 0 else "lost to" if hi < 0 else "did not separate from"
+    return (f"{dataset}: SpecDec++ ({s['setting']}, {s['speedup']:.3f}x) {outcome} the best constant K "
+            f"({c['setting']}, {c['speedup']:.3f}x): paired difference {d:+.3f}x, 95% interval [{lo:+.3f}, {hi:+.3f}] "
+            f"over {s['prompts']} generations (both settings picked on these prompts)")
+
+
 def best_by_policy(summary: list[dict], dataset: str) -> dict[str, dict]:
     best: dict[str, dict] = {}
     for row in summary:

@@ -102,7 +102,7 @@ def sample_responses(model, prompts: list[list[int]], cfg: SamplingConfig, max_n
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
     steps = []
     for _ in range(max_new_tokens):
-        dist = probs(out.logits[:, -1], cfg)
+        dist = probs(out.logits[:, -1], cfg).to(model.device)  # a model spread over devices ends on its last
         tok = dist.argmax(-1) if cfg.greedy else sample(dist, generator)
         tok = torch.where(done, pad_id, tok)
         steps.append(tok)
@@ -130,7 +130,7 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
     for row, s in enumerate(seqs):  # right padding: real positions never attend to what follows them
         ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
     ids, mask = ids.to(pair.device), mask.to(pair.device)
-    logits_p = pair.target(input_ids=ids, attention_mask=mask).logits
+    logits_p = pair.target(input_ids=ids, attention_mask=mask).logits.to(pair.device)
     logits_q = pair.draft(input_ids=ids, attention_mask=mask).logits
     records = []
     for row, (p_ids, x) in enumerate(zip(prompts, responses)):

@@ -122,7 +122,8 @@ def speculative_generate(
         # 2. verify: one target forward over the unfed tokens and the candidates -> p_1..p_{K+1}
         t0 = time.perf_counter()
         k = len(cand)
-        p = probs(tgt(seq[tgt.seen:] + cand, keep=k + 1).logits[0], sampling)  # [K+1, V]
+        # [K+1, V] on the draft's device (a target spread over devices ends on its last one)
+        p = probs(tgt(seq[tgt.seen:] + cand, keep=k + 1).logits[0], sampling).to(target.device)
         n = 0
         if k:
             y_idx, rows = torch.tensor(cand, device=p.device), torch.arange(k, device=p.device)

@@ -142,9 +142,14 @@ def resolve(name_or_path: str | Path) -> str:
     return name  # a hub id: transformers resolves it (from its local cache when offline)
 
 
-def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> nn.Module:
+def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | dict = "cpu") -> nn.Module:
+    """A frozen model on `device`: a device name, or "auto" / an accelerate device map ({module name: device}) to
+    spread a model too big for one GPU over the visible ones (its first layers' device is `model.device`)."""
     path = resolve(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(device)
+    if device == "auto" or isinstance(device, dict):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), device_map=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(device)
     return model.eval().requires_grad_(False)
 
 
@@ -292,7 +297,7 @@ def check_precision_draft_speed(target: nn.Module, draft: nn.Module, name: str) 
 
 
 def load_pair(target: str | Path = "default", draft: str | Path | int | None = None,
-              dtype: str | torch.dtype = "float32", device: str = "cpu") -> ModelPair:
+              dtype: str | torch.dtype = "float32", device: str | dict = "cpu") -> ModelPair:
     """Load a draft/target pair.
 
     Args:
@@ -300,12 +305,15 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
         draft: same kinds of reference, an int k for a self-draft of the target's first k layers, or
             "copy:<dtype>" for a copy of the target in another dtype (e.g. "copy:bfloat16"); None means the
             default of the embedded targets (the default target's bf16 copy).
-        dtype, device: applied to both models (a precision draft keeps its own dtype).
+        dtype: applied to both models (a precision draft keeps its own dtype).
+        device: a device for both, or "auto" / a device map to spread the target over GPUs (accelerate); the
+            draft then goes to the target's first device.
     """
     target_model = load_model(target, dtype, device)
     tokenizer = load_tokenizer(target)
     draft = default_draft(target) if draft is None else draft
-    draft_model, draft_tok = load_draft(target, draft, target_model, device, dtype)
+    # a target spread over devices: the draft (and the head, and every sampling step) lives on its first one
+    draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device), dtype)
     check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)
     if precision_draft_dtype(draft) is not None and target_model.device.type == "cpu":
         check_precision_draft_speed(target_model, draft_model, str(draft))

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 from conftest import tiny_llama, word_tokenizer
 
 import specdecpp.models
-from specdecpp import ConstantK, Margin, SamplingConfig, TargetOnly, load_pair, self_draft
+from specdecpp import ConstantK, Margin, SamplingConfig, TargetOnly, load_pair, self_draft, speculative_generate
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 
@@ -97,3 +99,35 @@ def test_a_precision_draft_no_faster_than_the_target_is_reported(tmp_path, monke
     monkeypatch.setattr(specdecpp.models, "draft_step_ratio", lambda target, draft: 1.3)
     with pytest.warns(UserWarning, match="steps at 1.30 of the target's time"):
         load_pair(path, "copy:bfloat16")
+
+
+@pytest.mark.parametrize("device", ["auto", "map"])
+def test_a_target_placed_by_a_device_map_decodes_like_one_on_a_device(tmp_path, device):
+    """The accelerate placement path ("auto", or a map of modules to devices) on CPU entries. On a GPU node the same
+    call spreads a big target over the GPUs and puts the draft on the first one (not run here: no GPUs)."""
+    tok = word_tokenizer(WORDS)
+    path = save(tmp_path, "target", tiny_llama(0, layers=2, vocab=len(tok), sharpness=4.0), tok)
+    if device == "map":
+        device = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    placed, plain = load_pair(path, 1, device=device), load_pair(path, 1)
+    assert placed.draft.device == placed.target.device
+    for policy in (ConstantK(3), TargetOnly()):
+        a = placed.generate([3, 4, 5], policy, SamplingConfig(0), max_new_tokens=12).tokens
+        assert a == plain.generate([3, 4, 5], policy, SamplingConfig(0), max_new_tokens=12).tokens
+
+
+def test_the_engine_decodes_through_accelerate_dispatch_hooks():
+    """A target dispatched module by module (the hooks that move activations between devices on a multi-GPU map,
+    forced here on one CPU): speculative decoding still equals greedy decoding."""
+    from accelerate import dispatch_model
+
+    target = tiny_llama(0, layers=2, sharpness=4.0)
+    reference = speculative_generate(target, None, [3, 4, 5], TargetOnly(), SamplingConfig(0), max_new_tokens=16)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    hooked = dispatch_model(copy.deepcopy(target), device_map, force_hooks=True)
+    assert any(hasattr(m, "_hf_hook") for m in hooked.modules())
+    out = speculative_generate(hooked, self_draft(hooked, 1), [3, 4, 5], ConstantK(3), SamplingConfig(0),
+                               max_new_tokens=16)
+    assert out.tokens == reference.tokens

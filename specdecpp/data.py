@@ -191,20 +191,26 @@ def prepared_dir(names: dict, prompts: list[str], cfg: PrepareConfig, root: str 
     return Path(root or cache_dir() / "data") / cache_key(names, prompts, cfg)
 
 
-def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Path, desc: str = "prepare") -> Path:
-    """Build (or finish building) the records of `prompts` in `out_dir`; shards already complete are kept."""
+def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Path, desc: str = "prepare",
+            rank: int = 0, world: int = 1) -> Path:
+    """Build (or finish building) the records of `prompts` in `out_dir`; shards already complete are kept.
+
+    With `world` > 1 processes, this one builds shards rank, rank + world, ... (each shard is seeded by its index,
+    so the files equal a one-process run's) and the caller marks the directory complete once all ranks are done.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(prompts) / cfg.batch_size)
     eos = {pair.tokenizer.eos_token_id} if pair.tokenizer.eos_token_id is not None else set()
     pad_id = pad_token_id(pair.tokenizer)
-    (out_dir / "config.json").write_text(json.dumps({"models": pair.names, "n_prompts": len(prompts),
-                                                     **asdict(cfg)}, indent=2))
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps({"models": pair.names, "n_prompts": len(prompts),
+                                                         **asdict(cfg)}, indent=2))
     limit = min(cfg.max_prompt_tokens, getattr(pair.target.config, "max_position_embeddings", 10**9)
                 - cfg.max_new_tokens)
     encoded = [pair.encode(p) for p in prompts]
     # length bucketing: a batch of similar prompt lengths wastes little on padding (shards stay deterministic)
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    for shard in tqdm(range(n_shards), desc=desc, unit="batch"):
+    for shard in tqdm(range(rank, n_shards, world), desc=desc if world == 1 else f"{desc} (rank {rank})", unit="batch"):
         path = out_dir / f"shard_{shard:05d}.safetensors"
         if _shard_complete(path):  # the checksum is enough here: records are parsed once, by load_prepared
             continue
@@ -217,8 +223,16 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
             responses = sample_responses(pair.target, ids, cfg.sampling, cfg.max_new_tokens, eos, pad_id, generator)
             records = label_responses(pair, ids, responses, cfg.sampling, generator)
         _save_shard(path, records, [k[0] for k in kept], skipped=len(batch) - len(kept))
-    (out_dir / "complete").write_text(str(n_shards))
+    if world == 1:
+        mark_complete(out_dir, n_shards)
     return out_dir
+
+
+def mark_complete(out_dir: Path, n_shards: int) -> None:
+    missing = [i for i in range(n_shards) if not _shard_complete(out_dir / f"shard_{i:05d}.safetensors")]
+    if missing:
+        raise RuntimeError(f"{out_dir}: shards {missing} are missing or damaged; run preparation again")
+    (out_dir / "complete").write_text(str(n_shards))
 
 
 def load_prepared(out_dir: Path) -> tuple[list[Record], int]:
@@ -349,7 +363,16 @@ class AcceptanceDataModule(L.LightningDataModule):
         return {split: prepared_dir(self.names, prompts, self.prep, self.hparams.cache_dir)
                 for split, prompts in self.split_prompts().items()}
 
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def prepare_data(self) -> None:
+        """One process: prepare here. Several: every rank prepares its share of the shards in `setup`."""
+        if self._world()[1] == 1:
+            self._prepare(0, 1)
+
+    def _prepare(self, rank: int, world: int) -> None:
         dirs, prompts = self.dirs(), self.split_prompts()
         todo = [s for s, d in dirs.items() if not (d / "complete").is_file()]
         if not todo:
@@ -360,12 +383,21 @@ class AcceptanceDataModule(L.LightningDataModule):
         h = self.hparams
         pair = load_pair(h.target, h.draft, h.dtype, h.device)
         for split in todo:
-            prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}")
-            print(f"[{split}] {summarize(*load_prepared(dirs[split]))}")
+            prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
+            if world > 1:  # every rank's shards written: rank 0 checks them all and marks the split complete
+                self.trainer.strategy.barrier(f"prepare-{split}")
+                if rank == 0:
+                    mark_complete(dirs[split], math.ceil(len(prompts[split]) / self.prep.batch_size))
+                self.trainer.strategy.barrier(f"prepared-{split}")
+            if rank == 0:
+                print(f"[{split}] {summarize(*load_prepared(dirs[split]))}")
 
     def setup(self, stage: str | None = None) -> None:
         from .models import load_tokenizer
 
+        rank, world = self._world()
+        if world > 1:
+            self._prepare(rank, world)
         tok = load_tokenizer(self.hparams.target)
         self.pad_id = pad_token_id(tok)
         for split, d in self.dirs().items():
@@ -374,8 +406,7 @@ class AcceptanceDataModule(L.LightningDataModule):
                                                 redraw=split == "train")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = self._world()
         ds = self.datasets[split]
         return DataLoader(ds, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
                           sampler=EpochSampler(ds, world, rank, shuffle=shuffle, seed=self.hparams.seed),

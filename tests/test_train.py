@@ -8,7 +8,7 @@ import torch
 from conftest import run_script
 from torch.utils.data import DataLoader
 
-from specdecpp.data import EpochSampler, MixedDataset, Record, collate
+from specdecpp.data import AcceptanceDataModule, EpochSampler, MixedDataset, Record, collate
 from specdecpp.head import AcceptanceHead, fit_platt, soft_ece
 from specdecpp.module import AcceptanceHeadModule, binary_kl, weighted_bce
 
@@ -173,9 +173,18 @@ def test_unknown_config_key_is_refused(tmp_path):
 def test_fsdp_two_processes_shard_train_in_bf16_save_resume_and_export(tmp_path):
     """2 ranks over gloo with FSDP2 (ModelParallelStrategy + fully_shard), bf16 autocast: the real sharding path."""
     base = ["fit", "--config", "configs/train/tiny.yaml", "--config", "configs/train/fsdp_cpu.yaml",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+            "--trainer.default_root_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "prep2"),
+            "--trainer.max_epochs", "1"]
     first = run(base)
     assert first.returncode == 0, first.stderr[-3000:]
+    # preparation was spread over the 2 ranks (shard i on rank i % 2) and gives a 1-process run's files
+    assert "prepare train (rank 1)" in first.stderr
+    one = AcceptanceDataModule(target="tiny-random", draft=2, train_prompts=32, val_prompts=16, max_new_tokens=16,
+                               prepare_batch_size=16, cache_dir=str(tmp_path / "prep1"))
+    one.prepare_data()
+    two = {p.parent.name + "/" + p.name: p.read_text() for p in (tmp_path / "prep2").glob("*/shard_*.sha256")}
+    assert len(two) == 3 and two == {p.parent.name + "/" + p.name: p.read_text()
+                                     for p in (tmp_path / "prep1").glob("*/shard_*.sha256")}
     log_dir = tmp_path / "lightning_logs" / "version_0"
     reports = [json.loads((log_dir / f"sharding_rank{r}.json").read_text()) for r in range(2)]
     for report in reports:

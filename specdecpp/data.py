@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .models import ModelPair, cache_dir, load_pair
-from .prompts import load_prompts
+from .prompts import TEST_ONLY, load_prompts
 from .sampling import SamplingConfig, acceptance_prob, probs, sample
 
 log = logging.getLogger(__name__)
@@ -349,11 +349,11 @@ class AcceptanceDataModule(L.LightningDataModule):
     @functools.cache  # one data module per run: split (and read) the prompt files once
     def split_prompts(self) -> dict[str, list[str]]:
         h = self.hparams
-        if h.dataset == "alpaca":
-            return {"train": load_prompts("alpaca", "train", h.train_prompts, h.data_dir),
-                    "val": load_prompts("alpaca", "dev", h.val_prompts, h.data_dir)}
-        split = "test" if h.dataset in ("humaneval", "gsm8k") else None
-        bodies = load_prompts(h.dataset, split or "test", h.train_prompts + h.val_prompts, h.data_dir, h.prompt_field)
+        if h.dataset in ("alpaca", "tatsu-lab/alpaca"):
+            return {"train": load_prompts(h.dataset, "train", h.train_prompts, h.data_dir),
+                    "val": load_prompts(h.dataset, "dev", h.val_prompts, h.data_dir)}
+        split = "test" if h.dataset in TEST_ONLY else "train"  # files ignore it; other hub sets: their train split
+        bodies = load_prompts(h.dataset, split, h.train_prompts + h.val_prompts, h.data_dir, h.prompt_field)
         if len(bodies) < 2:
             raise ValueError(f"{h.dataset}: need at least 2 prompts to make train and val splits")
         n_val = min(h.val_prompts, len(bodies) // 2)

@@ -55,44 +55,77 @@ def alpaca_body(r: dict) -> str:
     return r["instruction"].strip() + (f"\nInput: {r['input'].strip()}" if r.get("input", "").strip() else "")
 
 
+TEST_ONLY = ("humaneval", "gsm8k", "openai/openai_humaneval", "openai/gsm8k")  # sets that are a test split only
+HUB = {"tatsu-lab/alpaca": ("alpaca", None, "train"), "openai/openai_humaneval": ("humaneval", None, "test"),
+       "openai/gsm8k": ("gsm8k", "main", "test")}  # hub id -> (our format, its config, the split holding our records)
+
+
+def load_hub_records(name: str, split: str, config: str | None = None) -> list[dict]:
+    """Records of a Hugging Face hub dataset (or a local dataset folder) through the `datasets` library."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, config, split=split).to_list()
+    except Exception as e:  # offline, unknown id, bad split: say what was tried
+        raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}) with the datasets "
+                         f"library: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Named sets are "
+                         f"{DATASETS} (bundled); a prompt file is .json/.jsonl(.gz); a hub id needs the network or "
+                         f"the datasets cache") from None
+
+
+def format_bodies(dataset: str, records: list[dict], split: str) -> list[str]:
+    """Prompt bodies of one of our named sets from its records (Alpaca: our seeded train/dev/test split)."""
+    if dataset == "alpaca":
+        if split not in ALPACA_SPLIT:
+            raise ValueError(f"alpaca split must be one of {list(ALPACA_SPLIT)}, got {split!r}")
+        order = list(range(len(records)))
+        random.Random(ALPACA_SPLIT_SEED).shuffle(order)
+        lo, hi = ALPACA_SPLIT[split]
+        return [alpaca_body(records[i]) for i in order[lo:hi]]
+    if split != "test":
+        raise ValueError(f"{dataset} is a test set; ask for split 'test', not {split!r}")
+    template, key = (HUMANEVAL_TEMPLATE, "prompt") if dataset == "humaneval" else (GSM8K_TEMPLATE, "question")
+    return [template.format(**{key: r[key].strip() if key == "question" else r[key]}) for r in records]
+
+
+def field_bodies(records: list[dict], field: str, where: str) -> list[str]:
+    missing = [i for i, r in enumerate(records) if field not in r]
+    if missing:
+        raise ValueError(f"{where}: record {missing[0]} has no {field!r} field (set the prompt field name)")
+    return [str(r[field]) for r in records]
+
+
 def load_prompts(dataset: str, split: str = "test", limit: int | None = None,
                  data_dir: str | Path | None = None, field: str = "prompt") -> list[str]:
-    """Prompt bodies of a named dataset split, or of a JSON/JSONL(.gz) file (its `field` key, used as is).
+    """Prompt bodies of a named dataset split, a JSON/JSONL(.gz) file, or a hub dataset id / local dataset folder.
 
-    Alpaca has train/dev/test splits (40,000 / 10,000 / 2,000, shuffled with a fixed seed); HumanEval and
-    GSM8K are test sets. `limit` takes the first prompts of the split.
+    Named sets ("alpaca", "humaneval", "gsm8k") come from `data_dir` (default: $SPECDECPP_DATA_DIR, else the copies
+    bundled with the package). Alpaca has train/dev/test splits (40,000 / 10,000 / 2,000, shuffled with a fixed
+    seed); HumanEval and GSM8K are test sets. Their hub ids (tatsu-lab/alpaca, openai/openai_humaneval,
+    openai/gsm8k) give the same bodies through the `datasets` library; any other id or folder is read through it
+    too, split `split`, prompt `field`. A file's `field` key is used as is. `limit` takes the first prompts.
     """
-    if dataset not in DATASETS:
-        path = Path(dataset).expanduser()
-        if not path.suffix:
-            raise ValueError(f"unknown dataset {dataset!r}: use one of {DATASETS} or a .json/.jsonl(.gz) file")
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        records = read_records(path)
-        missing = [i for i, r in enumerate(records) if field not in r]
-        if missing:
-            raise ValueError(f"{path}: record {missing[0]} has no {field!r} field (set the prompt field name)")
-        bodies = [str(r[field]) for r in records]
-    else:
+    path = Path(dataset).expanduser()
+    if dataset in DATASETS:
         root = Path(data_dir) if data_dir else default_data_dir()
         path = next((root / f for f in FILES[dataset] if (root / f).is_file()), root / FILES[dataset][0])
         if not path.is_file():
             raise FileNotFoundError(f"{dataset} file not found at {path}: set data_dir (or $SPECDECPP_DATA_DIR) "
                                     "to a folder that holds alpaca/, gsm8k/ and humaneval/ (or unset both to use "
                                     "the bundled copies)")
-        records = read_records(path)
-        if dataset == "alpaca":
-            if split not in ALPACA_SPLIT:
-                raise ValueError(f"alpaca split must be one of {list(ALPACA_SPLIT)}, got {split!r}")
-            order = list(range(len(records)))
-            random.Random(ALPACA_SPLIT_SEED).shuffle(order)
-            lo, hi = ALPACA_SPLIT[split]
-            bodies = [alpaca_body(records[i]) for i in order[lo:hi]]
-        else:
-            if split != "test":
-                raise ValueError(f"{dataset} is a test set; ask for split 'test', not {split!r}")
-            template, key = (HUMANEVAL_TEMPLATE, "prompt") if dataset == "humaneval" else (GSM8K_TEMPLATE, "question")
-            bodies = [template.format(**{key: r[key].strip() if key == "question" else r[key]}) for r in records]
+        bodies = format_bodies(dataset, read_records(path), split)
+    elif path.suffix in (".json", ".jsonl", ".gz"):
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        bodies = field_bodies(read_records(path), field, str(path))
+    elif dataset in HUB:
+        ours, config, hub_split = HUB[dataset]
+        bodies = format_bodies(ours, load_hub_records(dataset, hub_split, config), split)
+    elif "/" in dataset or path.is_dir():
+        bodies = field_bodies(load_hub_records(dataset, split), field, dataset)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: use one of {DATASETS}, a .json/.jsonl(.gz) file, or a hub "
+                         f"dataset id / local dataset folder (owner/name)")
     bodies = bodies[:limit] if limit is not None else bodies
     if not bodies:
         raise ValueError(f"no prompts in {dataset!r} split {split!r} (limit={limit})")

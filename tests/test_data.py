@@ -209,3 +209,41 @@ def test_bundled_prompt_sets_load_without_any_data_folder(monkeypatch):
     assert len(load_prompts("alpaca", "test")) == 2000 and len(load_prompts("alpaca", "train")) == 40_000
     assert len(load_prompts("humaneval")) == 164 and len(load_prompts("gsm8k")) == 1319
     assert load_prompts("gsm8k", limit=1, data_dir=BUNDLED)[0].endswith("Let's think step by step.")
+
+
+def test_a_local_dataset_folder_loads_through_the_datasets_library(tmp_path):
+    folder = tmp_path / "my_prompts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"question": f"q{i}?"}) for i in range(5)))
+    assert load_prompts(str(folder), "train", field="question") == [f"q{i}?" for i in range(5)]
+    with pytest.raises(ValueError, match="has no 'prompt' field"):
+        load_prompts(str(folder), "train")
+
+
+def test_known_hub_ids_give_the_bundled_sets_bodies(monkeypatch):
+    """tatsu-lab/alpaca, openai/gsm8k: the datasets library's records formatted as the bundled copies are (the hub
+    is unreachable here, so load_dataset is answered from the bundled files)."""
+    import datasets
+
+    from specdecpp.prompts import BUNDLED, read_records
+
+    files = {"tatsu-lab/alpaca": "alpaca/alpaca_data.jsonl.gz", "openai/gsm8k": "gsm8k/test.jsonl.gz"}
+    asked = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_list(read_records(BUNDLED / files[name]))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_prompts("tatsu-lab/alpaca", "dev", 20) == load_prompts("alpaca", "dev", 20)
+    assert load_prompts("openai/gsm8k", "test", 5) == load_prompts("gsm8k", "test", 5)
+    assert asked == [("tatsu-lab/alpaca", None, "train"), ("openai/gsm8k", "main", "test")]
+
+
+@pytest.mark.parametrize("name, match", [("nosuchset", "unknown dataset 'nosuchset'"),
+                                         ("someone/not-cached", "could not load dataset 'someone/not-cached'")])
+def test_unknown_names_and_unreachable_hub_ids_say_what_was_tried(name, match, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=match):
+        load_prompts(name)

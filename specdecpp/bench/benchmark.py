@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..costs import CostModel, fit_cost_model, measure_costs
 from ..policies import LengthPolicy, make_policy
-from ..prompts import load_prompts
+from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig
 from .callbacks import Callback, default_callbacks
 from .config import BenchConfig, Setting, check_heads_match_draft, expand_settings
@@ -23,7 +23,7 @@ class Benchmark:
         self.cfg = cfg
         self.settings = expand_settings(cfg)
         check_heads_match_draft(cfg, self.settings)
-        self.prompts = {d: load_prompts(d, cfg.split if d == "alpaca" or Path(d).suffix else "test",
+        self.prompts = {d: load_prompts(d, "test" if d in TEST_ONLY else cfg.split,
                                         cfg.prompts_per_dataset, cfg.data_dir) for d in cfg.datasets}
         self.callbacks = callbacks or []
         self.out_dir = Path(cfg.out_dir)

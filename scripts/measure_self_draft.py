@@ -7,7 +7,7 @@ final norm and LM head applied to the output of layer k). Writes a markdown tabl
 the parameter-count cost ratio (deterministic) since
 step times on a shared 2-core machine are noisy.
 
-    python scripts/measure_self_draft.py --data-dir ../shared/data --prompts 24 --out docs/default-pair.md
+    python scripts/measure_self_draft.py --prompts 24 --out docs/default-pair.md
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from _report import report
 
 from specdecpp import SamplingConfig, TargetOnly, load_pair, self_draft, speculative_generate
+from specdecpp.prompts import BUNDLED
 
 
 def alpaca_prompts(data_dir: Path, n: int) -> list[str]:
@@ -47,7 +48,7 @@ def predicted_speedup(alpha: float, c: float, k_max: int = 12) -> tuple[float, i
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--data-dir", type=Path, default=BUNDLED, help="folder holding alpaca/ (default: bundled)")
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20, 22, 24, 26, 28])

@@ -136,6 +136,11 @@ def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path
         assert lo <= row["speedup"] <= hi
     whatif = json.loads((run / "whatif.json").read_text())
     assert whatif["draft_cost_measured"] > 0 and set(whatif["datasets"]) == {"alpaca", "humaneval", "gsm8k"}
+    signals = json.loads((run / "signals.json").read_text())["alpaca"]
+    head = f"head {Path(tiny_head).name}"
+    assert {"draft prob", "-entropy", "top-2 margin", head} <= set(signals["auroc"])
+    assert signals["positions"] == row_tokens(summary, "alpaca") - 1  # one prompt: every position but the last
+    assert set(signals["stop_events"][head]) >= {"k=1", "k=2"}
 
 
 def test_paired_difference_is_the_difference_of_speedups_with_an_interval_around_it(tiny_sweep):
@@ -148,3 +153,7 @@ def test_paired_difference_is_the_difference_of_speedups_with_an_interval_around
     assert d == pytest.approx(rows["constant k=3"]["speedup"] - rows["constant k=1"]["speedup"])
     assert lo <= d <= hi
     assert paired_difference(records, "alpaca", "constant k=3", "constant k=3") == (0.0, (0.0, 0.0))
+
+
+def row_tokens(summary, dataset):
+    return next(r["new_tokens"] for r in summary if r["dataset"] == dataset and r["policy"] == "target")

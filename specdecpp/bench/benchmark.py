@@ -62,7 +62,7 @@ class Benchmark:
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
         for dataset, prompts in self.prompts.items():
-            runs = self._replayed(prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
+            runs = self._replayed(dataset, prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
             for seed, pid, generate in runs:
                 for s in self.settings:  # interleaved per prompt: machine noise hits every setting alike
                     policy = self.policy(s)
@@ -87,7 +87,7 @@ class Benchmark:
             yield seed, pid, lambda policy, ids=ids, seed=seed: self.pair.generate(
                 ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed).stats
 
-    def _replayed(self, prompts: list[str]):
+    def _replayed(self, dataset: str, prompts: list[str]):
         """Replay mode: (seed, prompt id, simulate under a policy), priced by the cost model, per prompt."""
         from ..data import pad_token_id
         from ..replay import make_traces, replay_generation
@@ -102,6 +102,8 @@ class Benchmark:
                 stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted)
                 return stats
             yield self.cfg.seeds[0], pid, simulate
+            for cb in self.callbacks:  # after every setting ran on it: its branches are there
+                cb.on_trace(self, dataset, pid, trace)
             trace.release()
 
     def _replay_costs(self) -> CostModel:

@@ -23,6 +23,7 @@ class Callback:
 
     def on_start(self, bench) -> None: ...
     def on_record(self, bench, record: dict) -> None: ...
+    def on_trace(self, bench, dataset: str, prompt_id: int, trace) -> None: ...  # replay mode, per prompt
     def on_end(self, bench, summary: list[dict]) -> None: ...
 
 
@@ -142,6 +143,32 @@ class WhatIf(Callback):
         self.result = result
 
 
+class SignalReport(Callback):
+    """Replay mode: how well the draft's statistics and each acceptance head predict acceptance of the draft's greedy
+    token along the traces (AUROC, ECE, stop-event calibration), per dataset: signals.json."""
+
+    def on_start(self, bench):
+        self.signals: dict[str, list] = {}
+
+    def on_trace(self, bench, dataset, prompt_id, trace):
+        from ..predictors import trace_signals
+
+        heads = {f"head {Path(p).name}": h for p, h in bench.heads.items()}
+        self.signals.setdefault(dataset, []).append(trace_signals(trace, heads))
+
+    def on_end(self, bench, summary):
+        if not self.signals:
+            return
+        from ..predictors import signal_report
+
+        heads = [f"head {Path(p).name}" for p in bench.heads]
+        self.result = {d: signal_report(s, heads) for d, s in self.signals.items()}
+        (bench.out_dir / "signals.json").write_text(json.dumps(self.result, indent=2))
+        for d, r in self.result.items():
+            print(f"{d}: AUROC for acceptance of the draft's greedy token ({r['positions']} positions, "
+                  f"{r['rejections']} rejected): " + ", ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items()))
+
+
 class ConsoleSummary(Callback):
     """The table people read first, then the cost-model check, the threshold suggestion and where files are."""
 
@@ -161,4 +188,4 @@ class ConsoleSummary(Callback):
 
 def default_callbacks() -> list[Callback]:
     return [ProgressBar(), JsonlWriter(), ParetoPlot(), TensorBoardLogger(), StopCalibration(), WhatIf(),
-            ConsoleSummary()]
+            SignalReport(), ConsoleSummary()]

@@ -146,22 +146,35 @@ class TokenRule(LengthPolicy):
         return {"k_min": self.k_min, "k_max": self.k_max}
 
 
-class Confidence(TokenRule):
-    """Stop once the draft's probability of its own token falls below h (transformers'
-    `assistant_confidence_threshold` with a fixed threshold, a DISCO-style rule)."""
+class Cutoff(TokenRule):
+    """Go on while one statistic of the drafted token (`stat`, a DraftToken field) is at least `threshold`."""
 
-    name = "confidence"
+    stat = "prob"
 
     def __init__(self, threshold: float, k_min: int = 1, k_max: int = 20):
         super().__init__(k_min, k_max)
         self.threshold = _check_threshold(threshold)
 
     def go_on(self, token: DraftToken) -> bool:
-        return token.prob >= self.threshold
+        return getattr(token, self.stat) >= self.threshold
 
     @property
     def params(self) -> dict:
         return {"threshold": self.threshold, **super().params}
+
+
+class Confidence(Cutoff):
+    """Stop once the draft's probability of its own token falls below h (transformers'
+    `assistant_confidence_threshold` with a fixed threshold, a DISCO-style rule)."""
+
+    name, stat = "confidence", "prob"
+
+
+class Margin(Cutoff):
+    """Stop once the draft's top-1 minus top-2 probability falls below m: a near-tie is where a draft that is a
+    close copy of the target (another precision, say) disagrees with it."""
+
+    name, stat = "margin", "margin"
 
 
 def fit_confidence_threshold(probs: torch.Tensor, accepted: torch.Tensor, fn_weight: float = 3.0) -> float:
@@ -272,24 +285,6 @@ class AdaEDL(TokenRule):
     @property
     def params(self) -> dict:
         return {"lam": self.lam0, "gamma": self.gamma, **super().params}
-
-
-class Margin(TokenRule):
-    """Stop once the draft's top-1 minus top-2 probability falls below m: a near-tie is where a draft that is a
-    close copy of the target (another precision, say) disagrees with it."""
-
-    name = "margin"
-
-    def __init__(self, threshold: float, k_min: int = 1, k_max: int = 20):
-        super().__init__(k_min, k_max)
-        self.threshold = _check_threshold(threshold)
-
-    def go_on(self, token: DraftToken) -> bool:
-        return token.margin >= self.threshold
-
-    @property
-    def params(self) -> dict:
-        return {"threshold": self.threshold, **super().params}
 
 
 class SpecDecPP(TokenRule):

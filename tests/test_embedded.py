@@ -4,15 +4,28 @@ import pytest
 import torch
 from test_decoding import check_bookkeeping
 
-from specdecpp import Confidence, ConstantK, Heuristic, Oracle, SamplingConfig, SpecDecPP, TargetOnly
+from specdecpp import (
+    SVIP,
+    AdaEDL,
+    AdaptiveConfidence,
+    Confidence,
+    ConstantK,
+    Heuristic,
+    Margin,
+    Oracle,
+    SamplingConfig,
+    SpecDecPP,
+    TargetOnly,
+)
 
 pytestmark = pytest.mark.slow
 N_NEW = 16
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn."]
 
 
-def test_default_pair_is_a_self_draft_sharing_the_target_tokenizer(embedded_pair):
-    assert embedded_pair.draft.config.num_hidden_layers < embedded_pair.target.config.num_hidden_layers
+def test_default_pair_is_the_targets_bf16_copy_sharing_its_tokenizer(embedded_pair):
+    assert embedded_pair.draft.dtype == torch.bfloat16 and embedded_pair.target.dtype == torch.float32
+    assert embedded_pair.draft.config.num_hidden_layers == embedded_pair.target.config.num_hidden_layers
     assert embedded_pair.tokenizer.eos_token == "<|im_end|>"
 
 
@@ -29,8 +42,10 @@ def greedy_references(embedded_pair):
 
 @pytest.mark.parametrize("make", [
     TargetOnly, lambda: ConstantK(3), lambda: Heuristic(2), lambda: Confidence(0.6, k_max=6),
+    lambda: AdaptiveConfidence(k_max=6), lambda: SVIP(k_max=6), lambda: AdaEDL(k_max=6), lambda: Margin(0.05, k_max=6),
     lambda: SpecDecPP(torch.nn.Linear(576, 1), threshold=0.6, k_max=6), lambda: Oracle(6),
-], ids=["target", "constant", "heuristic", "confidence", "specdecpp", "oracle"])
+], ids=["target", "constant", "heuristic", "confidence", "adaptive_confidence", "svip", "adaedl", "margin",
+        "specdecpp", "oracle"])
 def test_greedy_speculative_output_equals_greedy_target_output(embedded_pair, greedy_references, make):
     for ids, expected in greedy_references.values():
         out = embedded_pair.generate(ids, make(), SamplingConfig(0), max_new_tokens=N_NEW)

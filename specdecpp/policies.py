@@ -55,6 +55,11 @@ class LengthPolicy:
     def params(self) -> dict:
         return {}
 
+    @property
+    def most_per_round(self) -> int:
+        """The most tokens it may draft in one round (what a replay must hold after a mismatch)."""
+        return getattr(self, "k_max", 0)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name}({args})"
@@ -80,6 +85,10 @@ class ConstantK(LengthPolicy):
         self.k = k
 
     def begin_round(self) -> int:
+        return self.k
+
+    @property
+    def most_per_round(self) -> int:
         return self.k
 
     @property
@@ -362,6 +371,10 @@ class Oracle(LengthPolicy):
         self.lookahead = lookahead
 
     def begin_round(self) -> int:
+        return self.lookahead
+
+    @property
+    def most_per_round(self) -> int:
         return self.lookahead
 
     @property

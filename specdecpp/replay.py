@@ -19,7 +19,10 @@ a near-tie can flip the draft's argmax (in bf16 especially) and statistics diffe
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -68,6 +71,11 @@ class Trace:
     def branch(self, m: int, s: int) -> tuple[int, DraftToken]:
         """Token s (1-based) after D_m of the draft's greedy run from prompt + X_<m + D_m."""
         b = self.branches.get(m)
+        if b is not None and len(b.steps) >= s:
+            return b.steps[s - 1]
+        if self.model is None:
+            raise ValueError(f"this trace holds {len(b.steps) if b else 0} branch tokens after position {m} and no "
+                             f"model to draft more (a saved trace: replay again with a longer branch_length)")
         if b is None:
             cache = copy.deepcopy(self.cache)
             cache.crop(len(self.prompt) + m - cache.get_seq_length())  # negative: tokens to remove
@@ -106,18 +114,89 @@ def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int],
 
 
 def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
-                eos: set[int], pad_id: int = 0, batch_size: int = 16, progress=None):
+                eos: set[int], pad_id: int = 0, batch_size: int = 16, progress=None, cache_dir: Path | None = None,
+                branch_length: int = 32, key: dict | None = None):
     """Traces of `prompts`: the target's greedy outputs in length-bucketed batches (left padding, real masks),
-    then one teacher-forced draft pass per prompt. Yields (index into `prompts`, Trace), shortest prompts first."""
+    then one teacher-forced draft pass per prompt. Yields (index into `prompts`, Trace), shortest prompts first.
+
+    With `cache_dir`, each trace is completed (every mismatch's branch up to `branch_length` tokens) and saved under
+    a key of `key` (the models' names), the prompt, the length and the branch length; saved traces are loaded
+    instead of recomputed, so an interrupted replay resumes and a later one (new heads, new settings) is cheap.
+    """
+    def path(i: int) -> Path | None:
+        if cache_dir is None:
+            return None
+        blob = json.dumps({"key": key, "prompt": prompts[i], "max_new_tokens": max_new_tokens, "eos": sorted(eos),
+                           "branch_length": branch_length, "format": TRACE_FORMAT}, sort_keys=True)
+        return Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.pt"
+
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    generator = torch.Generator(device=target.device).manual_seed(0)  # unused in greedy mode
-    for lo in range(0, len(order), batch_size):
-        batch = order[lo: lo + batch_size]
+    cached = {i for i in order if path(i) is not None and path(i).is_file()}
+    todo = [i for i in order if i not in cached]
+    for i in sorted(cached):
+        yield i, load_trace(path(i))
+        if progress is not None:
+            progress.update()
+    for lo in range(0, len(todo), batch_size):
+        generator = torch.Generator(device=target.device).manual_seed(0)  # unused in greedy mode
+        batch = todo[lo: lo + batch_size]
         outputs = sample_responses(target, [prompts[i] for i in batch], GREEDY, max_new_tokens, eos, pad_id, generator)
         for i, x in zip(batch, outputs):
-            yield i, teacher_forced(draft, prompts[i], x, eos)
+            trace = teacher_forced(draft, prompts[i], x, eos)
+            if cache_dir is not None:
+                save_trace(trace, path(i), branch_length)
+            yield i, trace
             if progress is not None:
                 progress.update()
+
+
+TRACE_FORMAT = 1
+
+
+@torch.no_grad()
+def weights_fingerprint(pair) -> list[float]:
+    """A cheap fingerprint of both models' weights (sums of the first and last parameter tensors) for trace keys:
+    the same names with other weights must not reuse saved traces."""
+    out = []
+    for model in (pair.target, pair.draft):
+        params = list(model.parameters())
+        out += [round(float(params[0].double().sum()), 6), round(float(params[-1].double().sum()), 6)]
+    return out
+
+
+def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
+    """Complete every mismatch's branch (to EOS or `branch_length` tokens), then write the trace atomically."""
+    for m in trace.mismatches:
+        if trace.draft[m] in trace.eos:
+            continue
+        s = 1
+        while s <= branch_length - 1 and trace.branch(m, s)[0] not in trace.eos:
+            s += 1
+    data = {"prompt": trace.prompt, "target": trace.target, "draft": trace.draft, "eos": sorted(trace.eos),
+            "stats": torch.tensor([[t.prob, t.entropy, t.margin] for t in trace.tokens], dtype=torch.float64),
+            "hidden": torch.stack([t.hidden for t in trace.tokens]) if trace.tokens else None,
+            "branches": {m: ([y for y, _ in b.steps],
+                             torch.tensor([[t.prob, t.entropy, t.margin] for _, t in b.steps], dtype=torch.float64),
+                             torch.stack([t.hidden for _, t in b.steps]) if b.steps else None)
+                         for m, b in trace.branches.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+
+
+def _tokens(stats: torch.Tensor, hidden: torch.Tensor | None) -> list[DraftToken]:
+    return [DraftToken(*map(float, s), hidden[j]) for j, s in enumerate(stats)] if hidden is not None else []
+
+
+def load_trace(path: Path) -> Trace:
+    """A saved trace: complete to its branch length, with no model."""
+    data = torch.load(path, weights_only=False)
+    trace = Trace(data["prompt"], data["target"], data["draft"], _tokens(data["stats"], data["hidden"]),
+                  set(data["eos"]))
+    for m, (ys, stats, hidden) in data["branches"].items():
+        trace.branches[m] = _Branch(None, ys[-1] if ys else data["draft"][m], list(zip(ys, _tokens(stats, hidden))))
+    return trace
 
 
 def replay_generation(trace: Trace, policy: LengthPolicy, max_new_tokens: int) -> GenerationStats:

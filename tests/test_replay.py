@@ -48,3 +48,21 @@ def test_traces_hold_the_target_output_and_branch_where_the_draft_leaves_it(tiny
     expected = target_greedy(draft, prefix, 3)
     assert [trace.branch(m, s)[0] for s in (1, 2, 3)] == expected
     assert torch.isfinite(torch.tensor([trace.branch(m, 1)[1].margin]))
+
+
+def test_saved_traces_reload_and_replay_the_same_rounds(tiny_pair, tmp_path):
+    target, draft = tiny_pair
+    eos = {target_greedy(target, PROMPTS[0], 30)[9]}
+    fresh = dict(make_traces(target, draft, PROMPTS, 23, eos, batch_size=4, cache_dir=tmp_path, branch_length=10))
+    assert len(list(tmp_path.glob("*.pt"))) == len(PROMPTS)
+    reloaded = dict(make_traces(None, None, PROMPTS, 23, eos, batch_size=4, cache_dir=tmp_path, branch_length=10))
+    for policy in all_policies():
+        if policy.most_per_round > 10:
+            continue
+        for i in range(len(PROMPTS)):
+            assert rounds(replay_generation(reloaded[i], policy, 23)) == rounds(replay_generation(fresh[i], policy, 23))
+    # a saved trace has no model: drafting past its branches is refused, not guessed
+    m = next(m for t in reloaded.values() for m in t.mismatches)
+    trace = next(t for t in reloaded.values() if m in t.mismatches)
+    with pytest.raises(ValueError, match="longer branch_length"):
+        trace.branch(m, 40)

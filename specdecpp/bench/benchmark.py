@@ -90,12 +90,16 @@ class Benchmark:
     def _replayed(self, dataset: str, prompts: list[str]):
         """Replay mode: (seed, prompt id, simulate under a policy), priced by the cost model, per prompt."""
         from ..data import pad_token_id
-        from ..replay import make_traces, replay_generation
+        from ..models import cache_dir
+        from ..replay import make_traces, replay_generation, weights_fingerprint
 
         tok = self.pair.tokenizer
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        longest = max(self.policy(s).most_per_round for s in self.settings)
         traces = make_traces(self.pair.target, self.pair.draft, [self.pair.encode(p) for p in prompts],
-                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.batch_size)
+                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.batch_size,
+                             cache_dir=cache_dir() / "traces" if self.cfg.trace_cache else None,
+                             branch_length=longest, key={**self.pair.names, "weights": weights_fingerprint(self.pair)})
         for pid, trace in traces:
             def simulate(policy, trace=trace):
                 stats = replay_generation(trace, policy, self.cfg.max_new_tokens)

@@ -49,6 +49,7 @@ class BenchConfig:
     draft_cost: float | None = None  # replay: c, a draft step in target calls (None: measured in this run)
     verify_cost: float | None = None  # replay: v, each extra scored token in target calls (None: measured)
     bootstrap: int = 2000  # resamples of prompts for the 95% intervals
+    trace_cache: bool = True  # replay: keep each prompt's trace under $SPECDECPP_CACHE/traces (resumable, reusable)
 
 
 @dataclass

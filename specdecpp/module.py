@@ -118,9 +118,10 @@ class AcceptanceHeadModule(L.LightningModule):
                 "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
 
     def configure_model(self) -> None:
-        if self.draft is None:
-            h = self.hparams
+        h = self.hparams
+        if self.draft is None:  # (a caller may set `draft` to a model in hand before fitting)
             self.draft = load_draft(h.target, h.draft)[0].requires_grad_(False).eval()
+        if self.head is None:
             self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity,
                                        N_STATS if h.head_stats else 0)
             out = self.draft.get_output_embeddings()

@@ -200,3 +200,17 @@ def test_fsdp_two_processes_shard_train_in_bf16_save_resume_and_export(tmp_path)
     assert "Restored all states" in resumed.stdout + resumed.stderr
     head = AcceptanceHead.from_pretrained(tmp_path / "lightning_logs" / "version_1" / "head")  # a plain module
     assert head.hidden_size == 64 and head(torch.randn(3, 64)).shape == (3,)
+
+
+def test_gpu_check_runs_its_cpu_dry_run(tmp_path):
+    """scripts/gpu_check.sh cannot run here (no GPU): its dry run takes the same steps on tiny shapes on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "head sharded: True" in table and "ours / assisted" in table
+    assert "prompts whose four outputs differ: 0" in table

@@ -62,6 +62,48 @@ def main() -> None:
             diff, (dlo, dhi) = paired_difference(records, d, pick["setting"], const)
             cells.append(f"{row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {diff:+.3f} [{dlo:+.3f}, {dhi:+.3f}]")
         lines.append(f"| {v} | {pick['setting']} | " + " | ".join(cells) + " |")
+    lines += ["", f"All settings on {args.test} (speedup [95% interval], verification rate, discard rate per "
+              "token):", "",
+              "| setting | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for setting in dict.fromkeys(r["setting"] for r in test):
+        cells = []
+        for d in datasets:
+            r = next(r for r in test if r["dataset"] == d and r["setting"] == setting)
+            lo, hi = r["speedup_ci"]
+            cells.append(f"{r['speedup']:.3f} [{lo:.3f}, {hi:.3f}], {r['verification_rate']:.3f}, "
+                         f"{r['discard_rate']:.3f}")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    whatif = args.test / "whatif.json"
+    if whatif.is_file():
+        w = json.loads(whatif.read_text())
+        lines += ["", f"What if (counts of {args.test}, verify cost v = {w['verify_cost']:.3f} as measured): share "
+                  f"of the gap between the best constant K and the oracle closed by the best SpecDec++ setting "
+                  f"(negative: below the best constant K), each policy's best setting picked on these prompts at each "
+                  f"c:", "",
+                  "| dataset | " + " | ".join(w["datasets"][datasets[0]]["gap_closed"]) + " |",
+                  "|---|" + "---|" * len(w["datasets"][datasets[0]]["gap_closed"])]
+        for d in datasets:
+            lines.append(f"| {d} | " + " | ".join(f"{v:+.2f}" for v in w["datasets"][d]["gap_closed"].values()) + " |")
+    signals = args.test / "signals.json"
+    if signals.is_file():
+        sig = json.loads(signals.read_text())
+        names = list(sig[datasets[0]]["auroc"])
+        lines += ["", "AUROC for acceptance of the draft's greedy token along the test traces (higher ranks better):",
+                  "", "| dataset | positions (rejected) | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for d in datasets:
+            r = sig[d]
+            lines.append(f"| {d} | {r['positions']} ({r['rejections']}) | "
+                         + " | ".join(f"{r['auroc'][n]:.3f}" for n in names) + " |")
+        heads = list(sig[datasets[0]]["ece"])
+        lines += ["", "Heads on the test traces: ECE, and mean predicted vs realised P(>= 1 rejection in k tokens):",
+                  "", "| dataset | head | ECE | " + " | ".join(sig[datasets[0]]["stop_events"][heads[0]]) + " |",
+                  "|---|---|---|" + "---|" * len(sig[datasets[0]]["stop_events"][heads[0]])]
+        for d in datasets:
+            for h in heads:
+                ev = sig[d]["stop_events"][h]
+                lines.append(f"| {d} | {h} | {sig[d]['ece'][h]:.4f} | "
+                             + " | ".join(f"{v['predicted']:.3f} vs {v['realised']:.3f}" for v in ev.values()) + " |")
     report("\n".join(lines) + "\n", args.out)
 
 

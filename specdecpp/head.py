@@ -49,7 +49,8 @@ class AcceptanceHead(nn.Module):
         self.draft = draft or {}  # identity of the draft it was trained on (name, hidden size, depth)
         self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_layers))
         self.out = nn.Linear(hidden_size, 1)
-        if n_stats:
+        if n_stats:  # the hidden-state path starts silent, so the head starts from what the statistics say
+            nn.init.zeros_(self.out.weight)
             self.stats = nn.Sequential(nn.Linear(n_stats, STATS_WIDTH), nn.SiLU(), nn.Linear(STATS_WIDTH, 1))
         # post-hoc Platt scaling (a, b): logit -> a logit + b, fitted on the dev split after training (else identity)
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))

@@ -333,13 +333,14 @@ class SpecDecPP(TokenRule):
 
     @torch.no_grad()
     def predict(self, token: DraftToken) -> float:
+        hidden = token.hidden.float()  # a bf16 draft's state, for a head (or any callable) kept in float32
         if self.needs_stats:
             from .head import stat_features
 
             stats = stat_features(torch.tensor(token.prob), torch.tensor(token.entropy), torch.tensor(token.margin))
-            logit = self.head(token.hidden, stats.to(token.hidden.device))
+            logit = self.head(hidden, stats.to(hidden.device))
         else:
-            logit = self.head(token.hidden)
+            logit = self.head(hidden)
         return float(torch.sigmoid(logit.float()).reshape(()))
 
     def keep_drafting(self, i: int, token: DraftToken) -> bool:

@@ -22,22 +22,31 @@ STOP_WINDOWS = (1, 2, 4, 8, 16)
 def trace_signals(trace: Trace, heads: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """Per position of `trace` (the last one dropped: the paper's head has no state for it): the label (1 =
     accepted) and every signal's score, higher meaning more likely accepted; heads give P(accept)."""
-    n = len(trace.target) - 1
-    if n < 1:
+    if len(trace.target) < 2:
         return {}
-    toks = trace.tokens[:n]
-    out = {"label": torch.tensor([float(trace.draft[j] == trace.target[j]) for j in range(n)]),
+    n = len(trace.target) - 1
+
+    def has_state_at(j: int) -> bool:  # the state *at* D_j: the next position's, or the branch's first step
+        b = trace.branches.get(j)
+        return trace.draft[j] == trace.target[j] or (b is not None and len(b.steps) >= 1)
+
+    # a mismatch whose D_j is EOS has no branch (drafting stops there): left out of every signal alike
+    keep = [j for j in range(max(n, 0)) if has_state_at(j)]
+    if not keep:
+        return {}
+    toks = [trace.tokens[j] for j in keep]
+    out = {"label": torch.tensor([float(trace.draft[j] == trace.target[j]) for j in keep]),
            "draft prob": torch.tensor([t.prob for t in toks]),
            "-entropy": -torch.tensor([t.entropy for t in toks]),
            "top-2 margin": torch.tensor([t.margin for t in toks])}
     for name, head in heads.items():
         if head.n_stats:
             stats = stat_features(out["draft prob"], -out["-entropy"], out["top-2 margin"])
-            logits = head(torch.stack([t.hidden for t in toks]), stats)
+            logits = head(torch.stack([t.hidden for t in toks]).float(), stats)
         else:
             at = [trace.tokens[j + 1].hidden if trace.draft[j] == trace.target[j] else trace.branch(j, 1)[1].hidden
-                  for j in range(n)]
-            logits = head(torch.stack(at))
+                  for j in keep]
+            logits = head(torch.stack(at).float())
         out[name] = torch.sigmoid(logits.float())
     return out
 

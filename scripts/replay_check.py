@@ -57,6 +57,7 @@ def main() -> None:
     rows, t_replay, t_engine, same_output = [], 0.0, 0.0, 0
     for name, params in settings:
         same, rounds, rounds_diff = 0, 0, 0
+        counts = {"replay": [0, 0], "engine": [0, 0]}  # target calls, drafted tokens
         for i, ids in enumerate(prompts):
             t0 = time.perf_counter()
             replayed = replay_generation(traces[i], build(name, params), args.new_tokens)
@@ -69,10 +70,15 @@ def main() -> None:
             a = [(r.drafted, r.accepted, r.stop) for r in replayed.rounds]
             b = [(r.drafted, r.accepted, r.stop) for r in engine.stats.rounds]
             same += a == b
+            for name_, st in (("replay", replayed), ("engine", engine.stats)):
+                counts[name_][0] += st.target_calls
+                counts[name_][1] += st.drafted
             rounds += len(b)
             rounds_diff += sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
         label = f"{name} " + " ".join(f"{k}={v}" for k, v in params.items() if k not in ("head", "k_min", "k_max"))
-        rows.append(f"| {label} | {same}/{len(prompts)} | {rounds_diff}/{rounds} |")
+        label = label.replace(" label=", " head=")
+        rows.append(f"| {label} | {same}/{len(prompts)} | {rounds_diff}/{rounds} | {counts['replay'][0]} vs "
+                    f"{counts['engine'][0]} | {counts['replay'][1]} vs {counts['engine'][1]} |")
     mismatches = sum(len(t.mismatches) for t in traces.values())
     positions = sum(len(t.target) for t in traces.values())
     text = (f"Greedy replay vs the engine: embedded pair (fp32 target, bf16 copy as draft), {args.prompts} Alpaca "
@@ -80,7 +86,8 @@ def main() -> None:
             f"Target outputs: the batched greedy pass equals the engine's output on {same_output}/{len(prompts)} "
             f"prompts. Draft greedy mismatches along them: {mismatches} of {positions} positions "
             f"({mismatches / positions:.1%}), each a branch of at most 32 incremental draft steps.\n\n"
-            f"| setting | generations with the engine's exact rounds | rounds that differ |\n|---|---|---|\n"
+            f"| setting | generations with the engine's exact rounds | rounds that differ | target calls, replay vs "
+            f"engine | drafted tokens, replay vs engine |\n|---|---|---|---|---|\n"
             + "\n".join(rows) +
             f"\n\nTime: traces {t_traces:.1f} s + simulating {len(settings)} settings {t_replay:.1f} s = "
             f"{t_traces + t_replay:.1f} s; the engine decoding the same {len(settings)} settings: {t_engine:.1f} s "

@@ -11,9 +11,10 @@ a short incremental *branch* from the cached pass, computed once per m, on first
 with no model call, and returns the same `GenerationStats` (counts and rounds; no times).
 
 Where exactness holds: the replay is the engine's arithmetic up to the draft's floating-point path. The
-teacher-forced pass and the engine's cached incremental forwards compute the same logits in different shapes;
-a near-tie can flip the draft's argmax (in bf16 especially) and statistics differ in the last bits.
-`scripts/replay_check.py` measures how often replayed rounds differ from the engine's.
+teacher-forced pass and the engine's cached incremental forwards compute the same logits in different shapes. With
+fp32 models that changes nothing the policies see (tests/test_replay.py: every round equal). With a bf16 draft it
+does: a near-tie flips the draft's argmax and the statistics move, and near-ties are exactly where a bf16 copy is
+rejected, so replayed rounds differ from the engine's (`scripts/replay_check.py` measures how often).
 """
 
 from __future__ import annotations

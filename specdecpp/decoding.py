@@ -55,7 +55,8 @@ def _draft_token(policy: LengthPolicy, logits: torch.Tensor, y: int, out) -> Dra
     """What `policy` reads of the drafted token: statistics of the raw draft distribution, the hidden state."""
     token = DraftToken(hidden=out.hidden_states[-1][0, -1] if policy.needs_hidden else None)
     if policy.needs_stats:
-        token.prob, token.entropy, token.margin = map(float, draft_stats(logits, torch.tensor(y, device=logits.device)))
+        stats = draft_stats(logits, torch.tensor(y, device=logits.device))
+        token.prob, token.entropy, token.margin = torch.stack(stats).tolist()  # one device sync, not three
     return token
 
 

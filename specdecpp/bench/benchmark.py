@@ -5,6 +5,7 @@ pass of each model per prompt (`specdecpp.replay`) and priced by a cost model me
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ class Benchmark:
         """Replay mode: (seed, prompt id, simulate under a policy), priced by the cost model, per prompt."""
         from ..data import pad_token_id
         from ..models import cache_dir
-        from ..replay import make_traces, replay_generation, weights_fingerprint
+        from ..replay import make_traces, replay_generation
 
         tok = self.pair.tokenizer
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -99,7 +100,7 @@ class Benchmark:
         traces = make_traces(self.pair.target, self.pair.draft, [self.pair.encode(p) for p in prompts],
                              self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.batch_size,
                              cache_dir=cache_dir() / "traces" if self.cfg.trace_cache else None,
-                             branch_length=longest, key={**self.pair.names, "weights": weights_fingerprint(self.pair)})
+                             branch_length=longest, key=self._trace_key)
         for pid, trace in traces:
             def simulate(policy, trace=trace):
                 stats = replay_generation(trace, policy, self.cfg.max_new_tokens)
@@ -109,6 +110,13 @@ class Benchmark:
             for cb in self.callbacks:  # after every setting ran on it: its branches are there
                 cb.on_trace(self, dataset, pid, trace)
             trace.release()
+
+    @functools.cached_property
+    def _trace_key(self) -> dict:
+        """What saved traces are keyed by besides each prompt: the models, by name and by a weights fingerprint."""
+        from ..replay import weights_fingerprint
+
+        return {**self.pair.names, "weights": weights_fingerprint(self.pair)}
 
     def _replay_costs(self) -> CostModel:
         measured = measure_costs(self.pair.target, self.pair.draft)

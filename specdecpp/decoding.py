@@ -1,11 +1,16 @@
-"""One draft/verify loop over Hugging Face causal LMs and their KV caches (batch size 1).
+"""One draft/verify loop over Hugging Face causal LMs and their KV caches, for a batch of prompts.
 
-Each round: the draft proposes Y_1..Y_K one token at a time while the policy says go on; the target
-scores all of them in one forward (p_1..p_{K+1}); Y_i is kept with probability min(1, p_i(Y_i)/q_i(Y_i))
-up to the first rejection, which is replaced by a draw from norm(max(0, p - q)); a fully accepted round
-earns a bonus token from p_{K+1}. Greedy decoding is the same loop with one-hot p and q.
-Token positions live on the host as Python ints; each model's cache holds every committed token but
-the ones it has not been fed yet.
+Each round, for every row b: the draft proposes Y_1..Y_Kb one token at a time while row b's policy says go on;
+the target scores every row's candidates in one forward (p_1..p_{K+1}); Y_i is kept with probability
+min(1, p_i(Y_i)/q_i(Y_i)) up to the first rejection, which is replaced by a draw from norm(max(0, p - q)); a fully
+accepted round earns a bonus token from p_{K+1}. Greedy decoding is the same loop with one-hot p and q.
+
+Rows run in lockstep: each has its own policy, candidate length, acceptance, EOS and token budget; a row that has
+stopped drafting rides along masked while others draft (counted as its `wasted_draft_steps`), and a finished row
+leaves the batch. The caches (`_RowCache`) share columns between rows: prompts are left-padded, row b's tokens sit
+in columns of its own, rejected tokens leave masked holes, and every forward gets the validity mask and each row's
+own position ids. A batch of one is the same loop with no padding, no holes and no mask.
+Token positions live on the host as Python ints.
 """
 
 from __future__ import annotations
@@ -20,137 +25,247 @@ from .policies import DraftToken, LengthPolicy
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, n_accepted, probs, residual, sample
 from .stats import GenerationStats, Round
 
+FILLER = 0  # the token id fed in masked slots: never attended to, its logits never read
+
 
 @dataclass
 class Generation:
     tokens: list[int]  # the new tokens only (EOS included when the model produced it)
     stats: GenerationStats
     text: str | None = None  # filled in by ModelPair.generate
+    policy: LengthPolicy | None = None  # the policy object that decoded this row, with its end state
 
 
-class _CachedLM:
-    """A model with its KV cache and how many tokens of the sequence the cache holds."""
+class _RowCache:
+    """A model, its KV cache, and for each row the cache columns that hold the row's tokens, in order."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, rows: int):
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        self.seen = 0
+        self.cols: list[list[int]] = [[] for _ in range(rows)]
+        self.valid = torch.zeros(rows, 0, dtype=torch.bool, device=model.device)  # [B, columns]
         self.calls = 0
 
-    def __call__(self, tokens: list[int], keep: int = 1, hidden: bool = False):
-        ids = torch.tensor([tokens], device=self.model.device)
-        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep,
-                         output_hidden_states=hidden)
-        self.seen += len(tokens)
+    def seen(self, row: int) -> int:
+        return len(self.cols[row])
+
+    @property
+    def dense(self) -> bool:
+        """No masked column anywhere (always so at batch 1): the forward needs no attention mask."""
+        return sum(map(len, self.cols)) == self.valid.numel()
+
+    def __call__(self, tokens: list[list[int]], keep: int = 1, hidden: bool = False):
+        """Append each row's `tokens` (left-padded into one block) and run the model on them. The last `keep`
+        columns' logits come back: a row's last token is always in the last column."""
+        width, w = self.valid.shape[1], max(map(len, tokens))
+        pad = [w - len(t) for t in tokens]
+        ids = [[FILLER] * p + t for p, t in zip(pad, tokens)]
+        pos = [[0] * p + list(range(len(c), len(c) + w - p)) for p, c in zip(pad, self.cols)]
+        for p, c in zip(pad, self.cols):
+            c.extend(range(width + p, width + w))
+        dev = self.model.device
+        self.valid = torch.cat([self.valid, torch.tensor([[False] * p + [True] * (w - p) for p in pad], device=dev)], 1)
+        out = self.model(input_ids=torch.tensor(ids, device=dev), position_ids=torch.tensor(pos, device=dev),
+                         attention_mask=None if self.dense else self.valid, cache=self.cache, use_cache=True,
+                         logits_to_keep=keep, output_hidden_states=hidden)
         self.calls += 1
         return out
 
-    def rollback(self, length: int) -> None:
-        if self.seen > length:
-            self.cache.crop(length - self.seen)  # a negative count removes that many tokens
-            self.seen = length
+    def rollback(self, lengths: list[int]) -> None:
+        """Keep the first lengths[b] tokens of each row (a row holding fewer keeps all it has)."""
+        for b, n in enumerate(lengths):
+            if len(self.cols[b]) > n:
+                self.valid[b, self.cols[b][n:]] = False
+                del self.cols[b][n:]
+        self._trim()
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished sequences leave the batch)."""
+        self.cache.batch_select_indices(torch.tensor(rows, dtype=torch.long))
+        self.valid, self.cols = self.valid[rows], [self.cols[b] for b in rows]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Free the trailing columns no row uses any more: the rejected tokens of every row, at batch 1."""
+        end, width = max((c[-1] + 1 for c in self.cols if c), default=0), self.valid.shape[1]
+        if end < width:
+            self.cache.crop(end - width)  # a negative count removes that many columns
+            self.valid = self.valid[:, :end]
 
 
-def _draft_token(policy: LengthPolicy, logits: torch.Tensor, y: int, out) -> DraftToken:
-    """What `policy` reads of the drafted token: statistics of the raw draft distribution, the hidden state."""
-    token = DraftToken(hidden=out.hidden_states[-1][0, -1] if policy.needs_hidden else None)
-    if policy.needs_stats:
-        stats = draft_stats(logits, torch.tensor(y, device=logits.device))
-        token.prob, token.entropy, token.margin = torch.stack(stats).tolist()  # one device sync, not three
-    return token
+class _Row:
+    """One sequence of the batch: its tokens, its policy and statistics, and this round's candidates."""
+
+    def __init__(self, prompt: list[int], policy: LengthPolicy):
+        self.seq, self.n_prompt, self.policy = prompt, len(prompt), policy
+        self.stats = GenerationStats(prompt_tokens=len(prompt), hindsight=policy.hindsight)
+        self.cand: list[int] = []
+        self.k_max, self.stop, self.live, self.done = 0, "limit", False, False
+
+    @property
+    def generated(self) -> int:
+        return len(self.seq) - self.n_prompt
+
+    def pending(self, model: _RowCache, b: int) -> list[int]:
+        """The row's tokens that `model` has not been fed yet."""
+        return (self.seq + self.cand)[model.seen(b):]
 
 
-def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
-    return int(dist.argmax()) if cfg.greedy else int(sample(dist, generator))
+def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `dist` [B, V]."""
+    return dist.argmax(-1) if cfg.greedy else sample(dist, generator)
+
+
+def _draft(drf: _RowCache | None, rows: list[_Row], budget: int, sampling: SamplingConfig,
+           generator: torch.Generator | None, eos: set[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Draft in lockstep until every row stopped (its policy, its round maximum, EOS). Returns per step the
+    drafted tokens [B] and the draft's distributions [B, V] (rows that were not drafting hold filler values)."""
+    for r in rows:
+        r.k_max = min(r.policy.begin_round(), budget - r.generated - 1)
+        r.cand, r.stop, r.live = [], "limit", r.k_max > 0
+    if drf is None and any(r.live for r in rows):
+        raise ValueError(f"policy {next(r.policy for r in rows if r.live)!r} drafts tokens but no draft model was given")
+    ys, qs = [], []
+    while any(r.live for r in rows):
+        t0 = time.perf_counter()
+        live = [b for b, r in enumerate(rows) if r.live]
+        out = drf([r.pending(drf, b) if r.live else [] for b, r in enumerate(rows)],
+                  hidden=any(rows[b].policy.needs_hidden for b in live))
+        logits = out.logits[:, -1]  # [B, V]
+        q = probs(logits, sampling)
+        y = q.argmax(-1) if sampling.greedy else torch.zeros(len(rows), dtype=torch.long, device=q.device)
+        if not sampling.greedy:
+            y[live] = sample(q[live], generator)
+        ys.append(y)
+        qs.append(q)
+        if any(rows[b].policy.needs_stats for b in live):
+            stats = torch.stack(draft_stats(logits[live], y[live]), 1).tolist()  # one device sync for all rows
+        y_live = y[live].tolist()
+        t1 = time.perf_counter()
+        for j, b in enumerate(live):
+            r, t = rows[b], time.perf_counter()
+            r.cand.append(y_live[j])
+            r.stats.draft_calls += 1
+            if y_live[j] in eos:
+                r.stop, r.live = "eos", False
+                continue
+            token = DraftToken(hidden=out.hidden_states[-1][b, -1] if r.policy.needs_hidden else None)
+            if r.policy.needs_stats:
+                token.prob, token.entropy, token.margin = stats[j]
+            if not r.policy.keep_drafting(len(r.cand), token) and len(r.cand) < r.k_max:
+                r.stop, r.live = "policy", False
+            r.live = r.live and len(r.cand) < r.k_max
+            r.stats.head_s += time.perf_counter() - t
+        for b, r in enumerate(rows):
+            r.stats.draft_s += t1 - t0
+            r.stats.prefill_s += (t1 - t0) if drf.calls == 1 else 0.0
+            r.stats.wasted_draft_steps += b not in live
+    return ys, qs
+
+
+def _verify(tgt: _RowCache, rows: list[_Row], ys: list[torch.Tensor], qs: list[torch.Tensor], device: torch.device,
+            sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+    """One target forward over every row's unfed tokens and candidates; returns each row's accepted count n_b and
+    its round's last token (the residual draw after a rejection, else the bonus from p_{K_b+1})."""
+    k = [len(r.cand) for r in rows]
+    kw, batch = max(k), len(rows)
+    logits = tgt([r.pending(tgt, b) for b, r in enumerate(rows)], keep=kw + 1).logits  # [B, kw+1, V]
+    # p_1..p_{K_b+1} of row b are its last K_b+1 columns: left-align them (columns past K_b+1 are never read).
+    # On the draft's device: a target spread over devices ends on its last one.
+    p = probs(logits, sampling).to(device)
+    rows_idx = torch.arange(batch, device=device)
+    shift = torch.tensor([kw - kb for kb in k], device=device)
+    p = p[rows_idx[:, None], (shift[:, None] + torch.arange(kw + 1, device=device)).clamp(max=kw)]
+    n = [0] * batch
+    if kw:
+        y, q = torch.stack(ys, 1), torch.stack(qs, 1)  # [B, kw], [B, kw, V]
+        p_acc = acceptance_prob(p[:, :-1].gather(-1, y[..., None])[..., 0], q.gather(-1, y[..., None])[..., 0])
+        ok = p_acc >= 1 if sampling.greedy else torch.rand(batch, kw, generator=generator, device=device) < p_acc
+        ok &= torch.arange(kw, device=device) < torch.tensor(k, device=device)[:, None]  # a row's own candidates
+        n = n_accepted(ok).tolist()
+    q_n = torch.stack([qs[nb][b] if nb < kb else torch.zeros_like(p[b, 0]) for b, (nb, kb) in enumerate(zip(n, k))])
+    last = _draw(residual(p[rows_idx, torch.tensor(n, device=device)], q_n), sampling, generator).tolist()
+    return n, last
 
 
 @torch.inference_mode()
 def speculative_generate(
     target: torch.nn.Module,
     draft: torch.nn.Module | None,
-    prompt_ids: list[int] | torch.Tensor,
-    policy: LengthPolicy,
+    prompt_ids: list[int] | torch.Tensor | list[list[int]],
+    policy: LengthPolicy | list[LengthPolicy],
     sampling: SamplingConfig = SamplingConfig(),
     max_new_tokens: int = 128,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
-) -> Generation:
-    """Generate up to `max_new_tokens` after `prompt_ids` with the candidate length chosen by `policy`.
+) -> Generation | list[Generation]:
+    """Generate up to `max_new_tokens` after each prompt with the candidate length chosen by its policy.
 
-    The output distribution is exactly the target's under `sampling` (token for token in greedy mode),
-    whatever the policy. `draft` may be None only for the target-only policy. `generator`, if given,
-    must live on the models' device.
+    `prompt_ids` is one prompt (a list of ids or a 1-D tensor), which gives one `Generation`, or a batch (a list of
+    prompts, lengths free), which gives one per prompt. `policy` is one policy (a batch gives each row its own
+    `fresh()` copy) or one per prompt. The output distribution is exactly the target's under `sampling` (token for
+    token in greedy mode), whatever the policy. `draft` may be None only for the target-only policy. `generator`,
+    if given, must live on the models' device. In a batch every row's times are the batch's while the row was in
+    it; `total_s` is the row's time to finish and `batch_s` the whole batch's.
     """
-    seq = [int(t) for t in (prompt_ids.reshape(-1).tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
-    if not seq:
-        raise ValueError("the prompt is empty: speculative decoding needs at least one prompt token")
+    prompts, single = _as_batch(prompt_ids)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(policy, LengthPolicy):
+        policies = [policy] + [policy.fresh() for _ in prompts[1:]]
+    elif len(policy) != len(prompts):
+        raise ValueError(f"got {len(policy)} policies for {len(prompts)} prompts: give one, or one per prompt")
+    else:
+        policies = list(policy)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    tgt, drf = _CachedLM(target), (_CachedLM(draft) if draft is not None else None)
-    stats = GenerationStats(prompt_tokens=len(seq), hindsight=policy.hindsight)
-    policy.reset()
-    start, n_prompt = time.perf_counter(), len(seq)
+    rows = [_Row(p, pol) for p, pol in zip(prompts, policies)]
+    for r in rows:
+        r.policy.reset()
+        r.stats.batch_size = len(rows)
+    tgt, drf = _RowCache(target, len(rows)), (_RowCache(draft, len(rows)) if draft is not None else None)
+    device = (draft if draft is not None else target).device
+    active, start = list(rows), time.perf_counter()  # the caches hold exactly the active rows, in this order
 
-    while len(seq) - n_prompt < max_new_tokens:
-        # 1. draft: Y_1..Y_K, each with its full distribution q_i [V]
-        k_max = min(policy.begin_round(), max_new_tokens - (len(seq) - n_prompt) - 1)
-        if k_max > 0 and drf is None:
-            raise ValueError(f"policy {policy!r} drafts tokens but no draft model was given")
-        cand, qs, stop = [], [], "limit"
-        pending = seq[drf.seen:] if drf else []
-        while len(cand) < k_max:
-            t0 = time.perf_counter()
-            out = drf(pending, hidden=policy.needs_hidden)
-            logits = out.logits[0, -1]
-            q = probs(logits, sampling)
-            y = _draw(q, sampling, generator)
-            cand.append(y)
-            qs.append(q)
-            pending = [y]
-            t1 = time.perf_counter()
-            stats.draft_s += t1 - t0
-            stats.prefill_s += (t1 - t0) if drf.calls == 1 else 0.0
-            if y in eos:
-                stop = "eos"
-                break
-            go_on = policy.keep_drafting(len(cand), _draft_token(policy, logits, y, out))
-            stats.head_s += time.perf_counter() - t1
-            if not go_on and len(cand) < k_max:
-                stop = "policy"
-                break
-
-        # 2. verify: one target forward over the unfed tokens and the candidates -> p_1..p_{K+1}
+    while active:
+        ys, qs = _draft(drf, active, max_new_tokens, sampling, generator, eos)
         t0 = time.perf_counter()
-        k = len(cand)
-        # [K+1, V] on the draft's device (a target spread over devices ends on its last one)
-        p = probs(tgt(seq[tgt.seen:] + cand, keep=k + 1).logits[0], sampling).to(target.device)
-        n = 0
-        if k:
-            y_idx, rows = torch.tensor(cand, device=p.device), torch.arange(k, device=p.device)
-            q = torch.stack(qs)  # [K, V]
-            p_acc = acceptance_prob(p[rows, y_idx], q[rows, y_idx])
-            u = torch.rand(k, generator=generator, device=p.device) if not sampling.greedy else None
-            n = n_accepted(p_acc >= 1 if u is None else u < p_acc)
-        # 3. the round's last token: residual after a rejection, else the bonus from p_{K+1}
-        last = _draw(residual(p[n], q[n]) if n < k else p[k], sampling, generator)
+        n, last = _verify(tgt, active, ys, qs, device, sampling, generator)
         dt = time.perf_counter() - t0
-        stats.verify_s += dt
-        stats.prefill_s += dt if tgt.calls == 1 else 0.0
+        kept = []
+        for r, nb, token in zip(active, n, last):
+            r.stats.verify_s += dt
+            r.stats.prefill_s += dt if tgt.calls == 1 else 0.0
+            r.stats.target_calls += 1
+            r.stats.rounds.append(Round(drafted=nb if r.policy.hindsight else len(r.cand), accepted=nb, stop=r.stop))
+            r.policy.end_round(len(r.cand), nb)
+            new = r.cand[:nb] + ([] if nb and r.cand[nb - 1] in eos else [token])
+            kept.append(len(r.seq) + nb)  # the caches keep all committed tokens but the last one
+            r.seq = r.seq + new
+            r.done = any(t in eos for t in new) or r.generated >= max_new_tokens
+            r.stats.total_s = time.perf_counter() - start
+        # commit: drop each row's rejected tokens from both caches, then the finished rows from the batch
+        for model in (tgt, drf) if drf else (tgt,):
+            model.rollback(kept)
+        going = [b for b, r in enumerate(active) if not r.done]
+        if going and len(going) < len(active):
+            for model in (tgt, drf) if drf else (tgt,):
+                model.keep_rows(going)
+        active = [active[b] for b in going]
 
-        new = cand[:n] + ([] if n and cand[n - 1] in eos else [last])
-        stats.rounds.append(Round(drafted=n if policy.hindsight else k, accepted=n, stop=stop))
-        policy.end_round(k, n)
-        # 4. commit; caches keep all committed tokens but the last one (the draft's may lag further)
-        tgt.rollback(len(seq) + n)
-        if drf:
-            drf.rollback(len(seq) + n)
-        seq += new
-        if any(t in eos for t in new):
-            break
+    batch_s = time.perf_counter() - start
+    gens = []
+    for r in rows:
+        r.stats.new_tokens, r.stats.batch_s = r.generated, batch_s
+        gens.append(Generation(tokens=r.seq[r.n_prompt:], stats=r.stats, policy=r.policy))
+    return gens[0] if single else gens
 
-    new_tokens = seq[n_prompt:]
-    stats.new_tokens, stats.target_calls = len(new_tokens), tgt.calls
-    stats.draft_calls = drf.calls if drf else 0
-    stats.total_s = time.perf_counter() - start
-    return Generation(tokens=new_tokens, stats=stats)
+
+def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
+    """(the prompts as lists of ids, whether one prompt was given rather than a batch)."""
+    single = torch.is_tensor(prompt_ids) or not prompt_ids or not isinstance(prompt_ids[0], (list, tuple))
+    if torch.is_tensor(prompt_ids):
+        prompt_ids = prompt_ids.reshape(-1).tolist()
+    prompts = [[int(t) for t in p] for p in ([prompt_ids] if single else prompt_ids)]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("the prompt is empty: speculative decoding needs at least one prompt token")
+    return prompts, single

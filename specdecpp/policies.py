@@ -14,6 +14,7 @@ prediction comes free with the forward that proposes Y_i); a head that also read
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ class LengthPolicy:
 
     def end_round(self, drafted: int, accepted: int) -> None:
         pass
+
+    def fresh(self) -> "LengthPolicy":
+        """A copy with state of its own, for another row of a batch; the modules it holds (a head) are shared."""
+        shared = {id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}
+        return copy.deepcopy(self, shared)
 
     @property
     def params(self) -> dict:

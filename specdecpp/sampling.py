@@ -80,9 +80,10 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), p)
 
 
-def n_accepted(accepted: torch.Tensor) -> int:
-    """Length of the leading run of True in a 1-D bool tensor: tokens kept before the first rejection."""
-    return int((~accepted).cumsum(-1).eq(0).sum())
+def n_accepted(accepted: torch.Tensor) -> torch.Tensor:
+    """Length of the leading run of True along the last dim of a bool tensor [..., K] -> [...]: the tokens each
+    row keeps before its first rejection."""
+    return (~accepted).cumsum(-1).eq(0).sum(-1)
 
 
 def draft_stats(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,6 +32,9 @@ class GenerationStats:
     prefill_s: float = 0.0  # the two calls that consumed the prompt (within draft_s and verify_s): policy-independent
     total_s: float = 0.0
     hindsight: bool = False  # oracle: rounds are booked as if drafting stopped before the rejection
+    wasted_draft_steps: int = 0  # batched: draft forwards this row rode along in after it had stopped drafting
+    batch_size: int = 1  # rows decoded together with this one (itself included)
+    batch_s: float = 0.0  # wall time of the whole batch (total_s is this row's time to finish)
 
     @property
     def drafted(self) -> int:

@@ -232,15 +232,19 @@ class ModelPair:
                 return_dict=True)["input_ids"])
         return self.tokenizer(prompt)["input_ids"]
 
-    def generate(self, prompt: str | list[int], policy: LengthPolicy, sampling: SamplingConfig = SamplingConfig(),
-                 max_new_tokens: int = 128, seed: int | None = 0, chat: bool = True) -> Generation:
-        """Speculative generation from a text prompt (chat-wrapped) or from token ids."""
-        ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], policy: LengthPolicy,
+                 sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 128, seed: int | None = 0,
+                 chat: bool = True) -> Generation | list[Generation]:
+        """Speculative generation from a text prompt (chat-wrapped) or token ids; a list of prompts decodes them as
+        one batch and gives one Generation per prompt."""
+        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))
+        ids = [self.encode(p, chat) if isinstance(p, str) else p for p in (prompt if batch else [prompt])]
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        out = speculative_generate(self.target, self.draft, ids, policy, sampling, max_new_tokens,
-                                   self.tokenizer.eos_token_id, gen)
-        out.text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
-        return out
+        outs = speculative_generate(self.target, self.draft, ids, policy, sampling, max_new_tokens,
+                                    self.tokenizer.eos_token_id, gen)
+        for out in outs:
+            out.text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+        return outs if batch else outs[0]
 
 
 def default_draft(target: str | Path) -> int | str:

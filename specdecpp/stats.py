@@ -49,6 +49,12 @@ class GenerationStats:
         return self.drafted - self.accepted
 
     @property
+    def charged_s(self) -> float:
+        """The seconds this generation's tokens cost: its own time alone, its share of the batch's wall time in a
+        batch (the shares of a batch sum to its wall time, so tokens / charged seconds is throughput)."""
+        return self.total_s if self.batch_size == 1 else self.batch_s / self.batch_size
+
+    @property
     def overhead_s(self) -> float:
         return self.total_s - self.draft_s - self.head_s - self.verify_s
 
@@ -89,7 +95,7 @@ class GenerationStats:
         row = {k: v for k, v in asdict(self).items() if k != "rounds"}
         row.update(
             rounds=len(self.rounds), drafted=self.drafted, accepted=self.accepted, discarded=self.discarded,
-            overhead_s=self.overhead_s, verification_rate=self.verification_rate, discard_rate=self.discard_rate,
+            charged_s=self.charged_s, overhead_s=self.overhead_s, verification_rate=self.verification_rate, discard_rate=self.discard_rate,
             mean_acceptance_length=self.mean_acceptance_length, draft_acceptance_rate=self.draft_acceptance_rate,
             tokens_per_s=self.tokens_per_s,
         )

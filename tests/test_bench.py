@@ -124,7 +124,7 @@ def test_replay_is_refused_at_temperature_above_zero(tmp_path, tiny_head):
 
 def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path, tiny_head, tiny_sweep):
     engine_summary, _ = tiny_sweep
-    summary = run_benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", batch_size=2))
+    summary = run_benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", trace_batch_size=2))
     run = tmp_path / "run"
     assert (run / "whatif.json").is_file() and (run / "whatif_alpaca.png").is_file()
     engine = {(r["dataset"], r["setting"]): r for r in engine_summary}
@@ -157,3 +157,19 @@ def test_paired_difference_is_the_difference_of_speedups_with_an_interval_around
 
 def row_tokens(summary, dataset):
     return next(r["new_tokens"] for r in summary if r["dataset"] == dataset and r["policy"] == "target")
+
+
+def test_batched_engine_sweep_keeps_one_record_per_prompt_with_the_same_tokens(tmp_path, tiny_head):
+    def records(batch_size):
+        out = tmp_path / f"b{batch_size}"
+        run_benchmark(tiny_cfg(out, tiny_head, prompts_per_dataset=2, batch_size=batch_size))
+        return [json.loads(line) for line in (out / "run" / "records.jsonl").read_text().splitlines()]
+
+    alone = {(r["dataset"], r["setting"], r["prompt_id"]): r for r in records(1)}
+    batched = records(2)
+    assert len(batched) == len(alone)
+    for r in batched:  # tiny fp32 models: each row decodes as it did alone
+        a = alone[(r["dataset"], r["setting"], r["prompt_id"])]
+        assert r["batch_size"] == 2 and a["batch_size"] == 1
+        assert (r["new_tokens"], r["target_calls"], r["drafted"]) == (a["new_tokens"], a["target_calls"], a["drafted"])
+        assert r["charged_s"] == pytest.approx(r["batch_s"] / 2) and r["total_s"] <= r["batch_s"]

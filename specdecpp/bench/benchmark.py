@@ -59,37 +59,40 @@ class Benchmark:
         for cb in self.callbacks:
             cb.on_start(self)
         if self.cfg.warmup and self.cfg.mode == "engine":  # first calls pay for allocation and kernel selection
-            first = next(iter(self.prompts.values()))[0]
+            first = next(iter(self.prompts.values()))[: self.cfg.batch_size]
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
         for dataset, prompts in self.prompts.items():
             runs = self._replayed(dataset, prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
-            for seed, pid, generate in runs:
-                for s in self.settings:  # interleaved per prompt: machine noise hits every setting alike
-                    policy = self.policy(s)
-                    stats = generate(policy)
-                    record = {"dataset": dataset, "prompt_id": pid, "seed": seed, "policy": s.name,
-                              "params": s.params, "setting": s.label, "mode": self.cfg.mode, **stats.to_dict(),
-                              "stop_log": getattr(policy, "stop_log", None)}
-                    self.records.append(record)
-                    for cb in self.callbacks:
-                        cb.on_record(self, record)
+            for seed, pids, generate in runs:
+                for s in self.settings:  # interleaved per prompt (batch): machine noise hits every setting alike
+                    for pid, (stats, policy) in zip(pids, generate(self.policy(s))):
+                        record = {"dataset": dataset, "prompt_id": pid, "seed": seed, "policy": s.name,
+                                  "params": s.params, "setting": s.label, "mode": self.cfg.mode, **stats.to_dict(),
+                                  "stop_log": getattr(policy, "stop_log", None)}
+                        self.records.append(record)
+                        for cb in self.callbacks:
+                            cb.on_record(self, record)
         summary = summarize(self.records, self.cfg.bootstrap)
-        if self.cfg.mode == "engine":
+        if self.cfg.mode == "engine" and self.cfg.batch_size == 1:  # the cost model prices one sequence's calls
             fit_cost_model(self.records, summary)
         for cb in self.callbacks:
             cb.on_end(self, summary)
         return summary
 
     def _decoded(self, prompts: list[str]):
-        """Engine mode: (seed, prompt id, decode-and-time under a policy) per prompt and seed."""
-        for seed, (pid, prompt) in itertools.product(self.cfg.seeds, enumerate(prompts)):
-            ids = self.pair.encode(prompt)
-            yield seed, pid, lambda policy, ids=ids, seed=seed: self.pair.generate(
-                ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed).stats
+        """Engine mode: (seed, prompt ids, decode-and-time a batch of prompts under a policy) per batch and seed."""
+        size = self.cfg.batch_size
+        for seed, lo in itertools.product(self.cfg.seeds, range(0, len(prompts), size)):
+            ids = [self.pair.encode(p) for p in prompts[lo: lo + size]]
+
+            def generate(policy, ids=ids, seed=seed):
+                gens = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed)
+                return [(g.stats, g.policy) for g in gens]
+            yield seed, list(range(lo, lo + len(ids))), generate
 
     def _replayed(self, dataset: str, prompts: list[str]):
-        """Replay mode: (seed, prompt id, simulate under a policy), priced by the cost model, per prompt."""
+        """Replay mode: (seed, [prompt id], simulate under a policy), priced by the cost model, per prompt."""
         from ..data import pad_token_id
         from ..models import cache_dir
         from ..replay import make_traces, replay_generation
@@ -98,15 +101,15 @@ class Benchmark:
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         longest = max(self.policy(s).most_per_round for s in self.settings)
         traces = make_traces(self.pair.target, self.pair.draft, [self.pair.encode(p) for p in prompts],
-                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.batch_size,
+                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.trace_batch_size,
                              cache_dir=cache_dir() / "traces" if self.cfg.trace_cache else None,
                              branch_length=longest, key=self._trace_key)
         for pid, trace in traces:
             def simulate(policy, trace=trace):
                 stats = replay_generation(trace, policy, self.cfg.max_new_tokens)
                 stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted)
-                return stats
-            yield self.cfg.seeds[0], pid, simulate
+                return [(stats, policy)]
+            yield self.cfg.seeds[0], [pid], simulate
             for cb in self.callbacks:  # after every setting ran on it: its branches are there
                 cb.on_trace(self, dataset, pid, trace)
             trace.release()

@@ -45,7 +45,8 @@ class BenchConfig:
     # "engine": decode every setting and time it; "replay": greedy only, simulate every setting from one pass of
     # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
     mode: str = "engine"
-    batch_size: int = 16  # replay: prompts per batched target generation
+    batch_size: int = 1  # engine: prompts decoded together (speeds are then throughput: see GenerationStats.charged_s)
+    trace_batch_size: int = 16  # replay: prompts per batched target generation of the traces
     draft_cost: float | None = None  # replay: c, a draft step in target calls (None: measured in this run)
     verify_cost: float | None = None  # replay: v, each extra scored token in target calls (None: measured)
     bootstrap: int = 2000  # resamples of prompts for the 95% intervals

@@ -8,7 +8,8 @@ from ..stats import bootstrap_interval
 
 
 def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
-    """Per (dataset, setting): ratios of sums over prompts, speedup against the same run's target-only rows, and
+    """Per (dataset, setting): ratios of sums over prompts (seconds are each record's charged_s: a batched row's
+    share of its batch's wall time), speedup against the same run's target-only rows, and
     95% bootstrap intervals over prompts (speedups resampled paired with the baseline's same prompts)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -16,12 +17,13 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
     rows = []
     for (dataset, setting), rs in groups.items():
         n = sum(r["new_tokens"] for r in rs)
-        secs = sum(r["total_s"] for r in rs)
+        secs = sum(r["charged_s"] for r in rs)
         prefill = sum(r["prefill_s"] for r in rs)
         calls, discarded = [r["target_calls"] for r in rs], [r["discarded"] for r in rs]
         tokens = [r["new_tokens"] for r in rs]
         rows.append({"dataset": dataset, "setting": setting, "policy": rs[0]["policy"], "params": rs[0]["params"],
-                     "prompts": len(rs), "new_tokens": n, "seconds": secs, "prefill_s": prefill,
+                     "prompts": len(rs), "batch_size": rs[0].get("batch_size", 1), "new_tokens": n, "seconds": secs,
+                     "prefill_s": prefill,
                      "tokens_per_s": n / secs,
                      "target_calls": sum(calls),
                      "draft_calls": sum(r["draft_calls"] for r in rs),
@@ -39,10 +41,10 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
         paired = [(r, base[(r["prompt_id"], r["seed"])]) for r in mine]
         row["speedup"] = row["tokens_per_s"] / base_row["tokens_per_s"]
         row["speedup_ci"] = bootstrap_interval(
-            [[r["new_tokens"] for r, _ in paired], [r["total_s"] for r, _ in paired],
-             [b["new_tokens"] for _, b in paired], [b["total_s"] for _, b in paired]],
+            [[r["new_tokens"] for r, _ in paired], [r["charged_s"] for r, _ in paired],
+             [b["new_tokens"] for _, b in paired], [b["charged_s"] for _, b in paired]],
             lambda n, t, nb, tb: (n / t) / (nb / tb), n_boot)
-        per = [(r["new_tokens"] / r["total_s"]) / (b["new_tokens"] / b["total_s"]) for r, b in paired]
+        per = [(r["new_tokens"] / r["charged_s"]) / (b["new_tokens"] / b["charged_s"]) for r, b in paired]
         row["speedup_min"], row["speedup_max"] = min(per), max(per)
     return rows
 
@@ -54,7 +56,7 @@ def paired_difference(records: list[dict], dataset: str, setting: str, other: st
     by = {(r["setting"], r["prompt_id"], r["seed"]): r for r in records if r["dataset"] == dataset}
     keys = sorted({(p, s) for (name, p, s) in by if name == setting})
     base = next(r["setting"] for r in records if r["dataset"] == dataset and r["policy"] == "target")
-    cols = [[by[(name, *k)][f] for k in keys] for name in (setting, other, base) for f in ("new_tokens", "total_s")]
+    cols = [[by[(name, *k)][f] for k in keys] for name in (setting, other, base) for f in ("new_tokens", "charged_s")]
 
     def diff(n, t, n_o, t_o, n_b, t_b):
         return (n / t - n_o / t_o) / (n_b / t_b)
@@ -95,7 +97,8 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
     """One table per dataset; "~" marks settings whose speedup interval overlaps the best setting's."""
     cols = [("setting", 34, "s"), ("tokens_per_s", 8, ".2f"), ("speedup", 7, ".3f"), ("ci", 15, "s"), ("mark", 1, "s"),
             ("verification_rate", 7, ".3f"), ("discard_rate", 7, ".3f"), ("mean_acceptance_length", 7, ".2f")]
-    if costs is None:
+    fitted = costs is None and "cost_model_error" in summary[0]  # engine mode at batch 1 fits a cost model
+    if fitted:
         cols.append(("cost_model_error", 7, ".1%"))
     heads = {"tokens_per_s": "tok/s" if costs is None else "pred.t/s", "verification_rate": "verif",
              "discard_rate": "discard", "mean_acceptance_length": "acc.len", "cost_model_error": "model",
@@ -116,17 +119,20 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
             out.append("  ".join(f"{cells[c]:<{w}{f}}" if c == "setting" else f"{cells[c]:>{w}{f}}"
                                  for c, w, f in cols))
         by_policy = best_by_policy(summary, dataset)
-        if costs is None:
+        if fitted:
             t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
             errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
             out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call (+ "
                        f"measured prefill); max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
             h = suggest_threshold(t_d, t_t)
+        elif costs is None:
+            out.append(f"speeds are throughput: batches of {rows[0].get('batch_size', '?')} prompts")
+            h = None
         else:
             out.append(f"cost model (in target calls of {costs.target_s * 1e3:.1f} ms): draft step c = "
                        f"{costs.draft:.3f}, each extra scored token v = {costs.verify:.3f}; prompt prefill not counted")
             h = costs.threshold()
-        line = f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"
+        line = "" if h is None else f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"
         if "specdecpp" in by_policy:
             line += f"; swept best: {by_policy['specdecpp']['setting']} ({by_policy['specdecpp']['speedup']:.3f}x)"
         out.append(line)

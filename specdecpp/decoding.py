@@ -170,21 +170,22 @@ def _verify(tgt: _RowCache, rows: list[_Row], ys: list[torch.Tensor], qs: list[t
     k = [len(r.cand) for r in rows]
     kw, batch = max(k), len(rows)
     logits = tgt([r.pending(tgt, b) for b, r in enumerate(rows)], keep=kw + 1).logits  # [B, kw+1, V]
-    # p_1..p_{K_b+1} of row b are its last K_b+1 columns: left-align them (columns past K_b+1 are never read).
-    # On the draft's device: a target spread over devices ends on its last one.
+    # row b's p_1..p_{K_b+1} are its last K_b+1 columns, from column kw - K_b on. On the draft's device: a target
+    # spread over devices ends on its last one.
     p = probs(logits, sampling).to(device)
     rows_idx = torch.arange(batch, device=device)
-    shift = torch.tensor([kw - kb for kb in k], device=device)
-    p = p[rows_idx[:, None], (shift[:, None] + torch.arange(kw + 1, device=device)).clamp(max=kw)]
+    first = torch.tensor([kw - kb for kb in k], device=device)
     n = [0] * batch
     if kw:
-        y, q = torch.stack(ys, 1), torch.stack(qs, 1)  # [B, kw], [B, kw, V]
-        p_acc = acceptance_prob(p[:, :-1].gather(-1, y[..., None])[..., 0], q.gather(-1, y[..., None])[..., 0])
+        y = torch.stack(ys, 1)  # [B, kw]
+        q_y = torch.stack([q.gather(-1, t[:, None])[:, 0] for q, t in zip(qs, ys)], 1)  # q_j(Y_j) [B, kw]
+        cols = (first[:, None] + torch.arange(kw, device=device)).clamp(max=kw)  # past a row's K_b: never read
+        p_acc = acceptance_prob(p[rows_idx[:, None], cols, y], q_y)
         ok = p_acc >= 1 if sampling.greedy else torch.rand(batch, kw, generator=generator, device=device) < p_acc
         ok &= torch.arange(kw, device=device) < torch.tensor(k, device=device)[:, None]  # a row's own candidates
         n = n_accepted(ok).tolist()
     q_n = torch.stack([qs[nb][b] if nb < kb else torch.zeros_like(p[b, 0]) for b, (nb, kb) in enumerate(zip(n, k))])
-    last = _draw(residual(p[rows_idx, torch.tensor(n, device=device)], q_n), sampling, generator).tolist()
+    last = _draw(residual(p[rows_idx, first + torch.tensor(n, device=device)], q_n), sampling, generator).tolist()
     return n, last
 
 

@@ -122,6 +122,14 @@ def check_engine(target_shape: str, draft_shape: str, device: str, prompts: int,
     tps = [tokens[name] / seconds[name] for name in methods]
     rows.append(f"| ratios | ours / assisted {tps[0] / tps[1]:.2f}x, ours / generate {tps[2] / tps[3]:.2f}x | "
                 f"prompts whose four outputs differ: {differ} |")
+    for (name, policy), alone in zip(((f"constant K = {k}", ConstantK(k)), ("target-only", TargetOnly())), tps[::2]):
+        sync(device)
+        t = time.perf_counter()
+        outs = speculative_generate(target, draft, encoded, policy, greedy, new_tokens)  # all prompts as one batch
+        sync(device)
+        batched = sum(len(o.tokens) for o in outs) / (time.perf_counter() - t)
+        rows.append(f"| engine batched: {name}, batch {len(encoded)} | {batched:.1f} tokens/s | "
+                    f"{batched / alone:.2f}x its batch-1 speed |")
     return rows
 
 

@@ -37,3 +37,15 @@ def test_sampling_with_a_cuda_generator_is_reproducible_and_greedy_is_exact():
     greedy = SamplingConfig(0)
     reference = speculative_generate(target, None, [3, 4, 5], TargetOnly(), greedy, 24).tokens
     assert speculative_generate(target, draft, [3, 4, 5], Margin(0.1, k_max=8), greedy, 24).tokens == reference
+
+
+def test_batched_rows_equal_their_batch_one_greedy_output_in_float32_on_the_gpu():
+    """The batched engine on CUDA in float32 with TF32 off (the exactness promise); a bf16 batch is only reported."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    target = tiny_llama(seed=0, sharpness=4.0).cuda()
+    draft = tiny_llama(seed=1, sharpness=4.0).cuda()
+    prompts = [[3, 4, 5], [10], [7, 1, 2, 8, 9, 30, 31, 40, 41, 2, 3]]
+    greedy = SamplingConfig(0)
+    rows = speculative_generate(target, draft, prompts, Margin(0.3, k_max=6), greedy, 24)
+    for prompt, row in zip(prompts, rows):
+        assert row.tokens == speculative_generate(target, None, prompt, TargetOnly(), greedy, 24).tokens

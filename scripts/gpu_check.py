@@ -50,7 +50,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_training(shape: str, device: str, steps: int) -> str:
+def check_training(shape: str, device: str, steps: int, out_dir: Path) -> str:
     draft = random_llama(shape, device, torch.bfloat16 if device == "cuda" else torch.float32, 0)
     vocab = draft.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -66,6 +66,7 @@ def check_training(shape: str, device: str, steps: int) -> str:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps,
+                        default_root_dir=out_dir,  # the head is exported under it, not into the working directory
                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
                         precision="bf16-mixed", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
@@ -147,7 +148,7 @@ def main() -> None:
         steps, prompts, new_tokens = 20, 4, 64
     lines = [f"GPU check ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU dry run'}, torch "
              f"{torch.__version__}); random-init weights of real shapes.", "", "| check | result | detail |",
-             "|---|---|---|", check_training(draft_shape, device, steps),
+             "|---|---|---|", check_training(draft_shape, device, steps, args.out),
              *check_engine(target_shape, draft_shape, device, prompts, new_tokens, k=4)]
     report("\n".join(lines) + "\n", args.out / "gpu_check.md")
 

@@ -213,4 +213,5 @@ def test_gpu_check_runs_its_cpu_dry_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "head sharded: True" in table and "ours / assisted" in table
-    assert "prompts whose four outputs differ: 0" in table
+    assert "prompts whose four outputs differ: 0" in table and "engine batched" in table
+    assert not (ROOT / "head").exists()  # the training check exports its head under the output folder

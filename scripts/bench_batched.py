@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from _report import report
 
-from specdecpp import ConstantK, SamplingConfig, SpecDecPP, TargetOnly, load_pair
+from specdecpp import ConstantK, SamplingConfig, SpecDecPP, TargetOnly, load_pair, speculative_generate
 from specdecpp.head import AcceptanceHead
 from specdecpp.prompts import load_prompts
 from specdecpp.stats import bootstrap_interval
@@ -62,11 +62,8 @@ def main() -> None:
     greedy, n_new, group = SamplingConfig(0), args.new_tokens, max(args.batch_sizes)
     prompts = [pair.encode(p) for p in load_prompts(args.dataset, "test", args.prompts)]
     eos = pair.tokenizer.eos_token_id
-    engines = {}
-    from specdecpp import speculative_generate
-    for name, policy in policies.items():
-        for b in args.batch_sizes:
-            engines[(name, b)] = (speculative_generate, policy, b)
+    engines = {(name, b): (speculative_generate, policy, b) for name, policy in policies.items()
+               for b in args.batch_sizes}
     if args.against_rev:
         old = old_engine(args.against_rev)
         for name in list(policies)[:2]:
@@ -109,8 +106,8 @@ def main() -> None:
     lines = [f"Embedded pair (target `{pair.names['target']}`, draft `{pair.names['draft']}`), CPU "
              f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}); greedy, {len(prompts)} {args.dataset} test prompts, up to {n_new} new tokens; "
-             f"SpecDec++ head `{args.head}`, k_max 32; 95% intervals bootstrapped over {-(-len(prompts) // group)} groups "
-             f"of {group} prompts.", "",
+             f"SpecDec++ head `{args.head}`, k_max 32; 95% intervals bootstrapped over {-(-len(prompts) // group)} "
+             f"groups of {group} prompts.", "",
              "| policy | batch | tokens/s | 95% interval | x own batch 1 | 95% interval | draft % | verify % | "
              "ms/draft step | ms/verify | wasted draft steps / row-step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -120,7 +117,7 @@ def main() -> None:
         tps = sum(tok) / sum(sec)
         lo, hi = bootstrap_interval([tok, sec], lambda n, t: n / t)
         base = (name, 1)
-        ratio, rlo, rhi = "", "", ""
+        ratio, rlo = "", ""
         if b != 1 and base in engines:
             ratio = f"{tps / (sum(col(base, 0)) / sum(col(base, 1))):.2f}"
             a, c = bootstrap_interval([tok, sec, col(base, 0), col(base, 1)], lambda n, t, nb, tb: (n / t) / (nb / tb))

@@ -107,8 +107,9 @@ class _Row:
         return len(self.seq) - self.n_prompt
 
     def pending(self, model: _RowCache, b: int) -> list[int]:
-        """The row's tokens that `model` has not been fed yet."""
-        return (self.seq + self.cand)[model.seen(b):]
+        """The row's tokens (committed, then this round's candidates) that `model` has not been fed yet."""
+        seen = model.seen(b)
+        return self.seq[seen:] + self.cand[max(seen - len(self.seq), 0):]
 
 
 def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -124,7 +125,8 @@ def _draft(drf: _RowCache | None, rows: list[_Row], budget: int, sampling: Sampl
         r.k_max = min(r.policy.begin_round(), budget - r.generated - 1)
         r.cand, r.stop, r.live = [], "limit", r.k_max > 0
     if drf is None and any(r.live for r in rows):
-        raise ValueError(f"policy {next(r.policy for r in rows if r.live)!r} drafts tokens but no draft model was given")
+        first = next(r.policy for r in rows if r.live)
+        raise ValueError(f"policy {first!r} drafts tokens but no draft model was given")
     ys, qs = [], []
     while any(r.live for r in rows):
         t0 = time.perf_counter()
@@ -241,7 +243,7 @@ def speculative_generate(
             r.policy.end_round(len(r.cand), nb)
             new = r.cand[:nb] + ([] if nb and r.cand[nb - 1] in eos else [token])
             kept.append(len(r.seq) + nb)  # the caches keep all committed tokens but the last one
-            r.seq = r.seq + new
+            r.seq += new
             r.done = any(t in eos for t in new) or r.generated >= max_new_tokens
             r.stats.total_s = time.perf_counter() - start
         # commit: drop each row's rejected tokens from both caches, then the finished rows from the batch

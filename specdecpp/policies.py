@@ -52,7 +52,7 @@ class LengthPolicy:
     def end_round(self, drafted: int, accepted: int) -> None:
         pass
 
-    def fresh(self) -> "LengthPolicy":
+    def fresh(self) -> LengthPolicy:
         """A copy with state of its own, for another row of a batch; the modules it holds (a head) are shared."""
         shared = {id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}
         return copy.deepcopy(self, shared)

@@ -132,10 +132,11 @@ def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[l
         return Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.pt"
 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    cached = {i for i in order if path(i) is not None and path(i).is_file()}
+    paths = {i: path(i) for i in order}
+    cached = {i for i in order if paths[i] is not None and paths[i].is_file()}
     todo = [i for i in order if i not in cached]
     for i in sorted(cached):
-        yield i, load_trace(path(i))
+        yield i, load_trace(paths[i])
         if progress is not None:
             progress.update()
     for lo in range(0, len(todo), batch_size):
@@ -145,7 +146,7 @@ def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[l
         for i, x in zip(batch, outputs):
             trace = teacher_forced(draft, prompts[i], x, eos)
             if cache_dir is not None:
-                save_trace(trace, path(i), branch_length)
+                save_trace(trace, paths[i], branch_length)
             yield i, trace
             if progress is not None:
                 progress.update()

@@ -95,7 +95,8 @@ class GenerationStats:
         row = {k: v for k, v in asdict(self).items() if k != "rounds"}
         row.update(
             rounds=len(self.rounds), drafted=self.drafted, accepted=self.accepted, discarded=self.discarded,
-            charged_s=self.charged_s, overhead_s=self.overhead_s, verification_rate=self.verification_rate, discard_rate=self.discard_rate,
+            charged_s=self.charged_s, overhead_s=self.overhead_s, verification_rate=self.verification_rate,
+            discard_rate=self.discard_rate,
             mean_acceptance_length=self.mean_acceptance_length, draft_acceptance_rate=self.draft_acceptance_rate,
             tokens_per_s=self.tokens_per_s,
         )

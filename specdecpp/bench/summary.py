@@ -132,8 +132,9 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
             out.append(f"cost model (in target calls of {costs.target_s * 1e3:.1f} ms): draft step c = "
                        f"{costs.draft:.3f}, each extra scored token v = {costs.verify:.3f}; prompt prefill not counted")
             h = costs.threshold()
-        line = "" if h is None else f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"
+        parts = [] if h is None else [
+            f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"]
         if "specdecpp" in by_policy:
-            line += f"; swept best: {by_policy['specdecpp']['setting']} ({by_policy['specdecpp']['speedup']:.3f}x)"
-        out.append(line)
+            parts.append(f"swept best: {by_policy['specdecpp']['setting']} ({by_policy['specdecpp']['speedup']:.3f}x)")
+        out.append("; ".join(parts))
     return "\n".join(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from specdecpp.policies import (
     SpecDecPP,
     TargetOnly,
 )
+from specdecpp.sampling import SamplingConfig, probs
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
@@ -116,3 +118,42 @@ def tiny_train_run(tmp_path_factory):
     proc = run_script("train.py", "fit", "--config", "configs/train/tiny.yaml", "--trainer.default_root_dir", str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "lightning_logs" / "version_0", proc
+
+
+# --- the distribution test: exact continuation probabilities and a chi-square check --------------------------------
+
+VOCAB, LENGTH, N_SAMPLES, ALPHA = 8, 3, 1200, 1e-3
+
+
+def exact_continuation_probs(target, prompt, sampling):
+    """P(x_1..x_L | prompt) for every continuation, from one batched target forward (no decoding code)."""
+    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=LENGTH)))
+    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+    with torch.no_grad():
+        logits = target(ids).logits[:, len(prompt) - 1: -1]  # the distributions of x_1..x_L
+    p = probs(logits, sampling).gather(-1, seqs[..., None])[..., 0]
+    return {tuple(s.tolist()): float(v) for s, v in zip(seqs, p.prod(-1))}
+
+
+def chi_square_p_value(counts: dict, expected: dict, n: int) -> float:
+    """Pearson's chi-square, cells with expected count < 5 pooled into one; p-value via the regularised gamma."""
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for key, prob in expected.items():
+        e = prob * n
+        if e < 5:
+            pooled_obs, pooled_exp = pooled_obs + counts.get(key, 0), pooled_exp + e
+            continue
+        stat, cells = stat + (counts.get(key, 0) - e) ** 2 / e, cells + 1
+    if pooled_exp > 0:
+        stat, cells = stat + (pooled_obs - pooled_exp) ** 2 / pooled_exp, cells + 1
+    return float(torch.special.gammaincc(torch.tensor((cells - 1) / 2), torch.tensor(stat / 2)))
+
+
+@pytest.fixture(scope="module")
+def sampling_setup():
+    """A one-layer target over 8 tokens, a noisy draft, a warped sampling config, and the exact distribution of
+    3-token continuations of [1, 2]."""
+    target = tiny_llama(seed=5, layers=1, vocab=VOCAB, sharpness=3.0)
+    draft = noisy_draft(target, scale=1.0, seed=6)
+    cfg = SamplingConfig(temperature=1.0, top_k=6, top_p=0.95)
+    return target, draft, cfg, exact_continuation_probs(target, [1, 2], cfg)

@@ -5,8 +5,16 @@ near-ties may flip (see the README)."""
 
 import pytest
 import torch
-from conftest import all_policies, noisy_draft, target_greedy, tiny_llama
-from test_decoding import ALPHA, LENGTH, chi_square_p_value, exact_continuation_probs, sampling_setup  # noqa: F401
+from conftest import (
+    ALPHA,
+    LENGTH,
+    all_policies,
+    chi_square_p_value,
+    exact_continuation_probs,
+    noisy_draft,
+    target_greedy,
+    tiny_llama,
+)
 
 from specdecpp import ConstantK, Margin, SamplingConfig, SpecDecPP, TargetOnly, speculative_generate
 from specdecpp.head import AcceptanceHead

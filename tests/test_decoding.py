@@ -1,10 +1,18 @@
 import copy
-import itertools
 import math
 
 import pytest
 import torch
-from conftest import all_policies, noisy_draft, rolled_draft, target_greedy, tiny_llama
+from conftest import (
+    ALPHA,
+    LENGTH,
+    N_SAMPLES,
+    all_policies,
+    chi_square_p_value,
+    rolled_draft,
+    target_greedy,
+    tiny_llama,
+)
 
 from specdecpp import (
     SVIP,
@@ -112,43 +120,6 @@ def test_empty_prompt_and_bad_lengths_are_refused(tiny_pair):
 
 
 # --- sampling mode: the output distribution is the target's --------------------------------------------------------
-
-VOCAB, LENGTH, N_SAMPLES, ALPHA = 8, 3, 1200, 1e-3
-
-
-def exact_continuation_probs(target, prompt, sampling):
-    """P(x_1..x_L | prompt) for every continuation, from one batched target forward (no decoding code)."""
-    from specdecpp.sampling import probs
-
-    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=LENGTH)))
-    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
-    with torch.no_grad():
-        logits = target(ids).logits[:, len(prompt) - 1: -1]  # the distributions of x_1..x_L
-    p = probs(logits, sampling).gather(-1, seqs[..., None])[..., 0]
-    return {tuple(s.tolist()): float(v) for s, v in zip(seqs, p.prod(-1))}
-
-
-def chi_square_p_value(counts: dict, expected: dict, n: int) -> float:
-    """Pearson's chi-square, cells with expected count < 5 pooled into one; p-value via the regularised gamma."""
-    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
-    for key, prob in expected.items():
-        e = prob * n
-        if e < 5:
-            pooled_obs, pooled_exp = pooled_obs + counts.get(key, 0), pooled_exp + e
-            continue
-        stat, cells = stat + (counts.get(key, 0) - e) ** 2 / e, cells + 1
-    if pooled_exp > 0:
-        stat, cells = stat + (pooled_obs - pooled_exp) ** 2 / pooled_exp, cells + 1
-    return float(torch.special.gammaincc(torch.tensor((cells - 1) / 2), torch.tensor(stat / 2)))
-
-
-@pytest.fixture(scope="module")
-def sampling_setup():
-    target = tiny_llama(seed=5, layers=1, vocab=VOCAB, sharpness=3.0)
-    draft = noisy_draft(target, scale=1.0, seed=6)
-    cfg = SamplingConfig(temperature=1.0, top_k=6, top_p=0.95)
-    return target, draft, cfg, exact_continuation_probs(target, [1, 2], cfg)
-
 
 def sample_counts(target, draft, policy, cfg, seed):
     g = torch.Generator().manual_seed(seed)

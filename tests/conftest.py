@@ -83,6 +83,16 @@ def target_greedy(target, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+def check_bookkeeping(stats):
+    """The counts and times of one generation agree with each other."""
+    assert stats.target_calls == len(stats.rounds)
+    assert stats.new_tokens == stats.accepted + len(stats.rounds)  # every round ends with one target token
+    assert stats.discarded == stats.drafted - stats.accepted >= 0
+    assert stats.verification_rate == pytest.approx(stats.target_calls / stats.new_tokens)
+    assert stats.discard_rate == pytest.approx(stats.discarded / stats.new_tokens)
+    assert 0 < stats.draft_s + stats.verify_s + stats.head_s <= stats.total_s
+    assert 0 < stats.prefill_s <= stats.draft_s + stats.verify_s
+
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", *words])}

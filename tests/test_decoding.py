@@ -8,6 +8,7 @@ from conftest import (
     LENGTH,
     N_SAMPLES,
     all_policies,
+    check_bookkeeping,
     chi_square_p_value,
     rolled_draft,
     target_greedy,
@@ -37,16 +38,6 @@ def test_greedy_speculative_output_equals_greedy_target_output(tiny_pair, policy
         out = speculative_generate(target, draft, prompt, policy, GREEDY, max_new_tokens=40)
         assert out.tokens == target_greedy(target, prompt, 40)
         assert len(out.tokens) == out.stats.new_tokens == 40
-
-
-def check_bookkeeping(stats):
-    assert stats.target_calls == len(stats.rounds)
-    assert stats.new_tokens == stats.accepted + len(stats.rounds)  # every round ends with one target token
-    assert stats.discarded == stats.drafted - stats.accepted >= 0
-    assert stats.verification_rate == pytest.approx(stats.target_calls / stats.new_tokens)
-    assert stats.discard_rate == pytest.approx(stats.discarded / stats.new_tokens)
-    assert 0 < stats.draft_s + stats.verify_s + stats.head_s <= stats.total_s
-    assert 0 < stats.prefill_s <= stats.draft_s + stats.verify_s
 
 
 def test_never_accepted_rounds_discard_every_candidate():

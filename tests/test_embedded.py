@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_decoding import check_bookkeeping
+from conftest import check_bookkeeping
 
 from specdecpp import (
     SVIP,

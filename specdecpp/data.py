@@ -8,9 +8,14 @@ Preparation, once per (models, prompts, sampling, lengths, seed):
 Results go to safetensors shards, one per batch of prompts, each with a sha256 sidecar written after it:
 an interrupted run resumes at the first missing shard, and a damaged shard is detected and rebuilt.
 Every shard is seeded by its index, so a resumed run gives the same records as an uninterrupted one.
+With `features`, the shards also keep what a statistics head reads at each Y_i, from the same draft pass: the
+draft's final hidden state that proposed Y_i and the statistics q(Y_i), entropy and top-2 margin of q_i. A
+statistics head then trains on those (`FeatureDataset`) without running the draft at all.
 
 At batch time, `MixedDataset` puts the target token X_i at position i with probability r (else Y_i),
 re-drawn every epoch from (seed, epoch, index); the loss covers exactly the draft-token positions.
+`FeatureDataset` has no mixing: every prefix is the target's X_<i, which is what an accepted prefix is under
+greedy decoding (and close to it at T = 1, where accepted tokens follow min(p, q) rather than p).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,16 +34,18 @@ import lightning as L
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .lowp import fp32_linears
 from .models import ModelPair, cache_dir, load_pair
 from .prompts import TEST_ONLY, load_prompts
-from .sampling import SamplingConfig, acceptance_prob, probs, sample
+from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, sample
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: shards hold prompts bucketed by length
+FORMAT_VERSION = 3  # 2: shards hold prompts bucketed by length; 3: fp32 products for low-precision drafts (lowp.py)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class PrepareConfig:
     top_k: int = 0
     top_p: float = 1.0
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    features: bool = False  # also keep the draft's hidden state and statistics at each Y_i
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -65,6 +74,8 @@ class Record:
     p_acc: torch.Tensor  # [L] min(1, p(Y_i) / q(Y_i))
     log_p: torch.Tensor  # [L] log p(Y_i)
     log_q: torch.Tensor  # [L] log q(Y_i)
+    hidden: torch.Tensor | None = None  # [L, H] the draft's final hidden state that proposed Y_i (features only)
+    stats: torch.Tensor | None = None  # [L, 3] q(Y_i), entropy and top-2 margin of q_i, raw logits (features only)
 
 
 def cache_key(names: dict, prompts: list[str], cfg: PrepareConfig) -> str:
@@ -121,32 +132,46 @@ def sample_responses(model, prompts: list[list[int]], cfg: SamplingConfig, max_n
 
 @torch.inference_mode()
 def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[list[int]], cfg: SamplingConfig,
-                    generator: torch.Generator) -> list[Record]:
-    """One teacher-forced pass of each model: Y_i ~ q(. | prompt, X_<i) and p_acc_i = min(1, p(Y_i) / q(Y_i))."""
+                    generator: torch.Generator, features: bool = False) -> list[Record]:
+    """One teacher-forced pass of each model: Y_i ~ q(. | prompt, X_<i) and p_acc_i = min(1, p(Y_i) / q(Y_i)).
+
+    Logits are computed only from the shortest prompt's last position on (responses follow their prompts; the
+    LM heads are a third of these passes); a low-precision draft runs its products in fp32 on a CPU (lowp.py).
+    """
     seqs = [p + r for p, r in zip(prompts, responses)]
-    width = max(map(len, seqs))
+    width, first = max(map(len, seqs)), min(map(len, prompts)) - 1  # logits at position t predict token t + 1
     ids = torch.full((len(seqs), width), pad_token_id(pair.tokenizer), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, s in enumerate(seqs):  # right padding: real positions never attend to what follows them
         ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
     ids, mask = ids.to(pair.device), mask.to(pair.device)
-    logits_p = pair.target(input_ids=ids, attention_mask=mask).logits.to(pair.device)
-    logits_q = pair.draft(input_ids=ids, attention_mask=mask).logits
+    logits_p = pair.target(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.to(pair.device)
+    with fp32_linears(pair.draft):
+        hidden = pair.draft.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, first:]
+        logits_q = pair.draft.get_output_embeddings()(hidden).to(pair.device)
     records = []
     for row, (p_ids, x) in enumerate(zip(prompts, responses)):
-        at = slice(len(p_ids) - 1, len(p_ids) + len(x) - 1)  # logits at position t predict token t + 1
+        at = slice(len(p_ids) - 1 - first, len(p_ids) + len(x) - 1 - first)
         p, q = probs(logits_p[row, at], cfg), probs(logits_q[row, at], cfg)  # [L, V]
         y = q.argmax(-1) if cfg.greedy else sample(q, generator)
         p_y, q_y = p.gather(-1, y[:, None])[:, 0], q.gather(-1, y[:, None])[:, 0]
-        records.append(Record(torch.tensor(p_ids), torch.tensor(x), y.cpu(), acceptance_prob(p_y, q_y).cpu(),
-                              p_y.log().cpu(), q_y.log().cpu()))
+        rec = Record(torch.tensor(p_ids), torch.tensor(x), y.cpu(), acceptance_prob(p_y, q_y).cpu(), p_y.log().cpu(),
+                     q_y.log().cpu())
+        if features:
+            rec.hidden = hidden[row, at].cpu()
+            rec.stats = torch.stack(draft_stats(logits_q[row, at], y), -1).cpu()
+        records.append(rec)
     return records
+
+
+FIELDS, FEATURES = ("prompt", "target", "draft", "p_acc", "log_p", "log_q"), ("hidden", "stats")
 
 
 def _save_shard(path: Path, records: list[Record], index: list[int], skipped: int) -> None:
     def flat(name):
         return torch.cat([getattr(r, name) for r in records]) if records else torch.zeros(0)
-    tensors = {name: flat(name).contiguous() for name in ("prompt", "target", "draft", "p_acc", "log_p", "log_q")}
+    names = FIELDS + (FEATURES if records and records[0].hidden is not None else ())
+    tensors = {name: flat(name).contiguous() for name in names}
     tensors["prompt_len"] = torch.tensor([len(r.prompt) for r in records], dtype=torch.long)
     tensors["target_len"] = torch.tensor([len(r.target) for r in records], dtype=torch.long)
     tensors["index"] = torch.tensor(index, dtype=torch.long)
@@ -182,8 +207,8 @@ def _load_shard(path: Path) -> tuple[list[Record], int] | None:
     records = []
     for i in range(len(t["index"])):
         p, x = slice(cuts["prompt"][i], cuts["prompt"][i + 1]), slice(cuts["target"][i], cuts["target"][i + 1])
-        records.append(Record(t["prompt"][p], t["target"][x], t["draft"][x], t["p_acc"][x], t["log_p"][x],
-                              t["log_q"][x]))
+        records.append(Record(t["prompt"][p], *(t[k][x] for k in FIELDS[1:]),
+                              *(t[k][x] if k in t else None for k in FEATURES)))
     return records, skipped
 
 
@@ -221,7 +246,7 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
         if kept:
             ids = [k[1] for k in kept]
             responses = sample_responses(pair.target, ids, cfg.sampling, cfg.max_new_tokens, eos, pad_id, generator)
-            records = label_responses(pair, ids, responses, cfg.sampling, generator)
+            records = label_responses(pair, ids, responses, cfg.sampling, generator, cfg.features)
         _save_shard(path, records, [k[0] for k in kept], skipped=len(batch) - len(kept))
     if world == 1:
         mark_complete(out_dir, n_shards)
@@ -303,8 +328,30 @@ class MixedDataset(Dataset):
         }
 
 
+class FeatureDataset(Dataset):
+    """Per record, what a statistics head reads at each Y_i (prepared with `features`): hidden [L, H], stats [L, 3],
+    labels p_acc [L], loss_mask all True. No mixing: every prefix is the target's (module docstring)."""
+
+    def __init__(self, records: list[Record]):
+        if not records:
+            raise ValueError("the prepared dataset is empty: no prompts survived preparation")
+        if records[0].hidden is None:
+            raise ValueError("these records hold no draft features: prepare them with features: true")
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        rec = self.records[key[0] if isinstance(key, tuple) else key]
+        return {"hidden": rec.hidden, "stats": rec.stats, "labels": rec.p_acc,
+                "loss_mask": torch.ones(len(rec.p_acc), dtype=torch.bool)}
+
+
 def collate(items: list[dict], pad_id: int = 0) -> dict:
-    """Right-pad a batch; padding gets attention 0, label 0 and no loss."""
+    """Right-pad a batch; padding gets attention 0, label 0 and no loss (feature items: zero features)."""
+    if "hidden" in items[0]:
+        return {k: nn.utils.rnn.pad_sequence([it[k] for it in items], batch_first=True) for k in items[0]}
     width = max(len(it["input_ids"]) for it in items)
     out = {"input_ids": torch.full((len(items), width), pad_id, dtype=torch.long),
            "attention_mask": torch.zeros((len(items), width), dtype=torch.long),
@@ -325,6 +372,8 @@ class AcceptanceDataModule(L.LightningDataModule):
         data_dir: folder holding the dataset files (default $SPECDECPP_DATA_DIR, else the bundled copies).
         train_prompts, val_prompts: how many prompts of the train and dev splits (Alpaca; a file is split in order).
         prepare: run preparation in `prepare_data` if the cache is missing; False makes a missing cache an error.
+        features: keep the draft's features at preparation and serve them instead of token sequences: a statistics
+            head (model.head_stats) then trains without the draft (no mixing; see the module docstring).
     """
 
     def __init__(self, target: str = "default", draft: str | int | None = None, dataset: str = "alpaca",
@@ -332,13 +381,13 @@ class AcceptanceDataModule(L.LightningDataModule):
                  val_prompts: int = 64, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, max_prompt_tokens: int = 512, prepare_batch_size: int = 16, seed: int = 0,
                  batch_size: int = 8, mixing_ratio: float = 0.15, num_workers: int = 0, prepare: bool = True,
-                 cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu"):
+                 cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", features: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= mixing_ratio < 1.0:
             raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
         self.prep = PrepareConfig(max_new_tokens, prepare_batch_size, seed, temperature, top_k, top_p,
-                                  max_prompt_tokens)
+                                  max_prompt_tokens, features)
         self.pad_id = 0
         self.datasets: dict[str, MixedDataset] = {}
 
@@ -383,6 +432,7 @@ class AcceptanceDataModule(L.LightningDataModule):
         h = self.hparams
         pair = load_pair(h.target, h.draft, h.dtype, h.device)
         for split in todo:
+            start = time.perf_counter()
             prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
             if world > 1:  # every rank's shards written: rank 0 checks them all and marks the split complete
                 self.trainer.strategy.barrier(f"prepare-{split}")
@@ -390,7 +440,9 @@ class AcceptanceDataModule(L.LightningDataModule):
                     mark_complete(dirs[split], math.ceil(len(prompts[split]) / self.prep.batch_size))
                 self.trainer.strategy.barrier(f"prepared-{split}")
             if rank == 0:
-                print(f"[{split}] {summarize(*load_prepared(dirs[split]))}")
+                summary = summarize(*load_prepared(dirs[split]))
+                seconds = time.perf_counter() - start  # this run's share: shards found complete cost nothing
+                print(f"[{split}] {summary}; {seconds:.0f} s, {summary['positions'] / seconds:.1f} positions/s")
 
     def setup(self, stage: str | None = None) -> None:
         from .models import load_tokenizer
@@ -402,8 +454,9 @@ class AcceptanceDataModule(L.LightningDataModule):
         self.pad_id = pad_token_id(tok)
         for split, d in self.dirs().items():
             records, _ = load_prepared(d)
-            self.datasets[split] = MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed,
-                                                redraw=split == "train")
+            self.datasets[split] = (FeatureDataset(records) if self.hparams.features else
+                                    MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed,
+                                                 redraw=split == "train"))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         rank, world = self._world()

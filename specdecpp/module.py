@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
 from .head import N_STATS, AcceptanceHead, fit_platt, soft_ece, stat_features
+from .lowp import fp32_linears
 from .models import default_draft, load_draft, precision_draft_dtype
 from .sampling import draft_stats
 
@@ -148,7 +149,7 @@ class AcceptanceHeadModule(L.LightningModule):
         """Acceptance logits [B, T] of the tokens at each position, from the draft's final hidden states (after its
         last norm): the paper's head reads the state at the token; a statistics head reads the state one before
         (the one that proposed it) and the draft distribution's statistics there (position 0 gets logit 0)."""
-        with torch.no_grad():
+        with torch.no_grad(), fp32_linears(self.draft):
             hidden = self.draft.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               use_cache=False).last_hidden_state
             if self.head.n_stats:
@@ -158,16 +159,25 @@ class AcceptanceHeadModule(L.LightningModule):
             return self.head(hidden)
         return torch.nn.functional.pad(self.head(hidden, stats), (1, 0))
 
+    def batch_logits(self, batch: dict) -> torch.Tensor:
+        """[B, T] logits of a token batch (runs the draft) or of a feature batch (`data.features`: no draft)."""
+        if "hidden" not in batch:
+            return self(batch["input_ids"], batch["attention_mask"])
+        if not self.head.n_stats:
+            raise ValueError("feature batches (data.features: true) train a statistics head: set model.head_stats: "
+                             "true, or train the paper's head on token batches (data.features: false)")
+        return self.head(batch["hidden"], stat_features(*batch["stats"].unbind(-1)))
+
     # --- steps ---------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self.batch_logits(batch)
         loss = weighted_bce(logits, batch["labels"], batch["loss_mask"], self.hparams.w_rej)
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["loss_mask"].sum()))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"]).float()
+        logits = self.batch_logits(batch).float()
         mask, labels = batch["loss_mask"], batch["labels"].float()
         z, p = logits[mask], labels[mask]
         p_hat = torch.sigmoid(z)

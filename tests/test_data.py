@@ -9,6 +9,7 @@ import specdecpp.data as data
 from specdecpp.data import (
     AcceptanceDataModule,
     EpochSampler,
+    FeatureDataset,
     MixedDataset,
     PrepareConfig,
     collate,
@@ -18,8 +19,9 @@ from specdecpp.data import (
     summarize,
 )
 from specdecpp.models import ModelPair
+from specdecpp.module import AcceptanceHeadModule
 from specdecpp.prompts import load_prompts
-from specdecpp.sampling import SamplingConfig
+from specdecpp.sampling import SamplingConfig, draft_stats
 
 WORDS = "the a cat dog sat ran on under mat tree big small red blue fast slow".split()
 PROMPTS = ["the cat sat on the mat", "a dog ran", "big red tree", "the small blue cat ran fast",
@@ -62,6 +64,53 @@ def test_labels_match_an_independent_computation(pair, tmp_path):
             assert rec.p_acc[i] == pytest.approx(min(1.0, float(p[y] / q[y])), abs=1e-5)
             assert rec.log_q[i] == pytest.approx(float(q[y].log()), abs=1e-4)
     assert sum(len(r.target) for r in records) > 40
+
+
+def test_features_are_the_draft_state_and_statistics_that_proposed_each_draft_token(pair, tmp_path):
+    cfg = PrepareConfig(max_new_tokens=12, batch_size=3, seed=1, temperature=0.9, top_k=10, features=True)
+    records, _ = load_prepared(prepare(pair, PROMPTS, cfg, tmp_path))  # through the shards and back
+    plain, _ = load_prepared(prepare(pair, PROMPTS, CFG, tmp_path / "plain"))
+    same_records(records, plain)  # features change nothing else
+    assert plain[0].hidden is None
+    for rec in records:
+        ids = torch.cat([rec.prompt, rec.target])[None]
+        with torch.no_grad():  # unbatched, unpadded
+            hidden = pair.draft.get_decoder()(ids).last_hidden_state[0]
+            logits = pair.draft(ids).logits[0]
+        at = slice(len(rec.prompt) - 1, len(rec.prompt) + len(rec.target) - 1)  # position t proposes token t + 1
+        assert rec.hidden.shape == (len(rec.target), 32) and rec.stats.shape == (len(rec.target), 3)
+        assert torch.allclose(rec.hidden, hidden[at], atol=1e-5)
+        expected = torch.stack(draft_stats(logits[at], rec.draft), -1)
+        assert torch.allclose(rec.stats, expected, atol=1e-5)
+    ds = FeatureDataset(records)
+    batch = collate([ds[i] for i in range(3)])
+    n = [len(r.target) for r in records[:3]]
+    assert batch["hidden"].shape == (3, max(n), 32) and batch["loss_mask"].sum() == sum(n)
+    with pytest.raises(ValueError, match="features: true"):
+        FeatureDataset(plain)
+
+
+def test_a_statistics_head_scores_feature_batches_as_it_scores_token_batches(pair, tmp_path):
+    """The same logit for Y_i from the prepared features and from running the draft over prompt + X_<i + Y_i."""
+    cfg = PrepareConfig(max_new_tokens=12, batch_size=3, seed=1, temperature=0.9, top_k=10, features=True)
+    records, _ = load_prepared(prepare(pair, PROMPTS[:3], cfg, tmp_path))
+    module = AcceptanceHeadModule(target="tiny", draft="tiny-noisy", head_stats=True)
+    module.draft = pair.draft
+    module.configure_model()
+    torch.nn.init.normal_(module.head.out.weight)  # the hidden-state path starts silent: give it a say
+    batch = collate([FeatureDataset(records)[i] for i in range(3)])
+    with torch.no_grad():
+        from_features = module.batch_logits(batch)
+        for row, rec in enumerate(records):
+            for i in range(len(rec.target)):
+                ids = torch.cat([rec.prompt, rec.target[:i], rec.draft[i:i + 1]])[None]
+                logit = module(ids, torch.ones_like(ids))[0, -1]
+                assert logit == pytest.approx(float(from_features[row, i]), abs=1e-4)
+    paper = AcceptanceHeadModule(target="tiny", draft="tiny-noisy")
+    paper.draft = pair.draft
+    paper.configure_model()
+    with pytest.raises(ValueError, match="head_stats"):
+        paper.batch_logits(batch)
 
 
 def test_batched_left_padded_sampling_equals_one_prompt_at_a_time(pair):

@@ -6,6 +6,7 @@ from conftest import tiny_llama, word_tokenizer
 
 import specdecpp.models
 from specdecpp import ConstantK, Margin, SamplingConfig, TargetOnly, load_pair, self_draft, speculative_generate
+from specdecpp.lowp import fp32_linears
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 
@@ -131,3 +132,23 @@ def test_the_engine_decodes_through_accelerate_dispatch_hooks():
     out = speculative_generate(hooked, self_draft(hooked, 1), [3, 4, 5], ConstantK(3), SamplingConfig(0),
                                max_new_tokens=16)
     assert out.tokens == reference.tokens
+
+
+def test_fp32_linears_keep_a_bf16_models_values_and_restore_it():
+    model = tiny_llama(0, layers=2).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        native = model(ids).logits.float()
+        with fp32_linears(model):
+            assert all("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+            emulated = model(ids).logits
+        assert emulated.dtype == torch.bfloat16
+        assert not any("forward" in vars(m) for m in model.modules())  # the class's forward again
+        assert torch.equal(model(ids).logits.float(), native)
+    # fp32 products of the same bf16 values: rounding differences of the order of bf16's step, no more
+    step = native.abs().max() * 2 ** -7
+    assert (emulated.float() - native).abs().max() <= 4 * step
+    assert (emulated.float().argmax(-1) == native.argmax(-1)).float().mean() > 0.9
+    fp32 = tiny_llama(0, layers=2).eval()
+    with torch.no_grad(), fp32_linears(fp32):  # nothing to do for a float32 model
+        assert not any("forward" in vars(m) for m in fp32.modules())

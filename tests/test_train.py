@@ -131,9 +131,11 @@ def test_tiny_config_trains_end_to_end_and_logs_calibration(tiny_train_run):
         pytest.approx([calibration["scale"], calibration["bias"]])
 
 
-def test_a_statistics_head_trains_and_exports(tmp_path):
+@pytest.mark.parametrize("features", ["false", "true"])  # true: trained on prepared features, without the draft
+def test_a_statistics_head_trains_and_exports(tmp_path, features):
     out = run(["fit", "--config", "configs/train/tiny.yaml", "--model.head_stats", "true", "--trainer.max_epochs",
-               "1", "--trainer.default_root_dir", str(tmp_path)])
+               "1", "--trainer.default_root_dir", str(tmp_path), "--data.features", features,
+               "--data.cache_dir", str(tmp_path / "data")])
     assert out.returncode == 0, out.stderr[-3000:]
     head = AcceptanceHead.from_pretrained(tmp_path / "lightning_logs" / "version_0" / "head")
     assert head.n_stats == 3 and not head.lagged

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -409,8 +409,14 @@ class AcceptanceDataModule(L.LightningDataModule):
         return {"train": bodies[:-n_val], "val": bodies[-n_val:]}
 
     def dirs(self) -> dict[str, Path]:
-        return {split: prepared_dir(self.names, prompts, self.prep, self.hparams.cache_dir)
-                for split, prompts in self.split_prompts().items()}
+        """Each split's prepared directory; without `features`, one prepared with them serves as well (a superset)."""
+        out = {}
+        for split, prompts in self.split_prompts().items():
+            out[split] = prepared_dir(self.names, prompts, self.prep, self.hparams.cache_dir)
+            richer = prepared_dir(self.names, prompts, replace(self.prep, features=True), self.hparams.cache_dir)
+            if not (out[split] / "complete").is_file() and (richer / "complete").is_file():
+                out[split] = richer
+        return out
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

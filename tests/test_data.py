@@ -248,6 +248,19 @@ def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
     assert batch["input_ids"].shape[0] == 3 and batch["loss_mask"].any()
     assert len(dm.datasets["train"]) == 6 and len(dm.datasets["val"]) == 2
     AcceptanceDataModule(**kwargs, prepare=False).prepare_data()  # now cached: no error, no work
+    feats = AcceptanceDataModule(**kwargs, features=True)
+    assert feats.dirs() != dm.dirs()  # features: their own preparation
+    feats.prepare_data()
+    feats.setup("fit")
+    batch = next(iter(feats.train_dataloader()))
+    assert set(batch) == {"hidden", "stats", "labels", "loss_mask"}
+    assert batch["hidden"].shape[:2] == batch["labels"].shape
+    kwargs["seed"] = 3  # a setting prepared only with features: token batches come from the feature records
+    AcceptanceDataModule(**kwargs, features=True).prepare_data()
+    tokens = AcceptanceDataModule(**kwargs, prepare=False)
+    assert tokens.dirs() == AcceptanceDataModule(**kwargs, features=True).dirs()
+    tokens.setup("fit")
+    assert "input_ids" in next(iter(tokens.train_dataloader()))
 
 
 def test_bundled_prompt_sets_load_without_any_data_folder(monkeypatch):

@@ -7,6 +7,7 @@ With `n_stats > 0` the head also reads the draft's statistics of the token it sc
 the top-2 margin: `stat_features`) through their own small path, whose logit is added to the hidden-state
 path's. Such a head scores Y_i from the forward that proposed it (no one-token lag): the hidden state that
 produced q_i and q_i's statistics. The paper's head (n_stats = 0) scores the token its hidden state sits on.
+With `use_hidden=False` a statistics head reads the statistics only (an ablation: what the hidden state adds).
 """
 
 from __future__ import annotations
@@ -40,17 +41,21 @@ def stat_features(prob: torch.Tensor, entropy: torch.Tensor, margin: torch.Tenso
 
 
 class AcceptanceHead(nn.Module):
-    def __init__(self, hidden_size: int, num_layers: int = 3, draft: dict | None = None, n_stats: int = 0):
+    def __init__(self, hidden_size: int, num_layers: int = 3, draft: dict | None = None, n_stats: int = 0,
+                 use_hidden: bool = True):
         super().__init__()
         if hidden_size < 1 or num_layers < 0 or n_stats not in (0, N_STATS):
             raise ValueError(f"need hidden_size >= 1, num_layers >= 0 and n_stats 0 or {N_STATS}, got "
                              f"{hidden_size}, {num_layers}, {n_stats}")
-        self.hidden_size, self.num_layers, self.n_stats = hidden_size, num_layers, n_stats
+        if not (use_hidden or n_stats):
+            raise ValueError("a head that reads no hidden state must read the draft's statistics (n_stats > 0)")
+        self.hidden_size, self.num_layers, self.n_stats, self.use_hidden = hidden_size, num_layers, n_stats, use_hidden
         self.draft = draft or {}  # identity of the draft it was trained on (name, hidden size, depth)
-        self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_layers))
-        self.out = nn.Linear(hidden_size, 1)
-        if n_stats:  # the hidden-state path starts silent, so the head starts from what the statistics say
+        self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_layers if use_hidden else 0))
+        self.out = nn.Linear(hidden_size, 1) if use_hidden else None
+        if n_stats and use_hidden:  # the hidden-state path starts silent, so the head starts from the statistics
             nn.init.zeros_(self.out.weight)
+        if n_stats:
             self.stats = nn.Sequential(nn.Linear(n_stats, STATS_WIDTH), nn.SiLU(), nn.Linear(STATS_WIDTH, 1))
         # post-hoc Platt scaling (a, b): logit -> a logit + b, fitted on the dev split after training (else identity)
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
@@ -62,14 +67,17 @@ class AcceptanceHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
         """[..., H] (and [..., n_stats] from `stat_features`) -> [...] acceptance logits."""
-        x = hidden.to(self.out.weight.dtype)
-        for block in self.blocks:
-            x = block(x)
-        logit = self.out(x)[..., 0]
+        if self.n_stats and stats is None:
+            raise ValueError("this acceptance head reads the draft's statistics: pass `stats`")
+        logit = 0
+        if self.use_hidden:
+            x = hidden.to(self.out.weight.dtype)
+            for block in self.blocks:
+                x = block(x)
+            logit = self.out(x)[..., 0]
         if self.n_stats:
-            if stats is None:
-                raise ValueError("this acceptance head reads the draft's statistics: pass `stats`")
-            logit = logit + self.stats(stats.to(logit.dtype))[..., 0]
+            stats_in = self.stats[0].weight
+            logit = logit + self.stats(stats.to(stats_in.dtype))[..., 0]
         return logit * self.calibration[0] + self.calibration[1]
 
     def check_draft(self, draft_config) -> None:
@@ -82,7 +90,7 @@ class AcceptanceHead(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "n_stats": self.n_stats,
-                  "calibration": self.calibration.tolist(), "draft": self.draft, "format": "specdecpp"}
+                  "use_hidden": self.use_hidden, "calibration": self.calibration.tolist(), "draft": self.draft, "format": "specdecpp"}
         (path / CONFIG).write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
         return path
@@ -94,7 +102,8 @@ class AcceptanceHead(nn.Module):
             raise FileNotFoundError(f"no acceptance head at {path} (expected {CONFIG} and weights)")
         config = json.loads((path / CONFIG).read_text())
         if config.get("format") == "specdecpp":
-            head = cls(config["hidden_size"], config["num_layers"], config.get("draft"), config.get("n_stats", 0))
+            head = cls(config["hidden_size"], config["num_layers"], config.get("draft"), config.get("n_stats", 0),
+                       config.get("use_hidden", True))
             state = load_file(path / WEIGHTS, device=map_location)
             state.setdefault("calibration", head.calibration)  # heads saved before calibration existed
             head.load_state_dict(state, strict=True)

@@ -1,5 +1,8 @@
 """Training the acceptance head: a frozen draft model feeding a trainable `AcceptanceHead`.
 
+Batches are tokens (the draft runs on them every step) or, for a statistics head, the draft's features prepared
+once (`data.features`: hidden states and statistics at each draft token; the draft never runs).
+
 Loss (DESIGN.md section 3): soft-label weighted BCE
     sum_i [w_rej (1 - P_i)(-log(1 - P^_i)) + P_i (-log P^_i)] / sum_i [w_rej (1 - P_i) + P_i]
 over draft-token positions. With w_rej != 1 the outputs are deliberately not calibrated; validation reports
@@ -80,13 +83,14 @@ class AcceptanceHeadModule(L.LightningModule):
         num_layers: D, the number of residual blocks in the head (paper: 3).
         head_stats: the head also reads the draft's statistics of the token it scores (q(Y), entropy, top-2
             margin) and scores it from the forward that proposed it; False is the paper's hidden-state head.
+        head_hidden: False makes a statistics head read the statistics only (what does the hidden state add?).
         w_rej: weight of the rejection term (paper: 6).
         lr, weight_decay, warmup_ratio: AdamW with linear warm-up then cosine decay to zero.
         export_dir: where `fit` exports the trained head (default: <log dir>/head).
     """
 
     def __init__(self, target: str = "default", draft: str | int | None = None, num_layers: int = 3,
-                 head_stats: bool = False, w_rej: float = 6.0, lr: float = 1e-3, weight_decay: float = 0.0,
+                 head_stats: bool = False, head_hidden: bool = True, w_rej: float = 6.0, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.03,
                  n_bins: int = 10, export_dir: str | None = None):
         super().__init__()
@@ -124,7 +128,7 @@ class AcceptanceHeadModule(L.LightningModule):
             self.draft = load_draft(h.target, h.draft)[0].requires_grad_(False).eval()
         if self.head is None:
             self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity,
-                                       N_STATS if h.head_stats else 0)
+                                       N_STATS if h.head_stats else 0, h.head_hidden)
             out = self.draft.get_output_embeddings()
             if h.head_stats and out.weight is self.draft.get_input_embeddings().weight:
                 # tied: sharding the decoder would shard the LM head the statistics need; give it its own copy
@@ -291,7 +295,8 @@ class AcceptanceHeadModule(L.LightningModule):
         state = get_model_state_dict(self.head, options=full)
         if not self.trainer.is_global_zero:
             return None
-        plain = AcceptanceHead(self.head.hidden_size, self.head.num_layers, self.draft_identity, self.head.n_stats)
+        plain = AcceptanceHead(self.head.hidden_size, self.head.num_layers, self.draft_identity, self.head.n_stats,
+                               self.head.use_hidden)
         plain.load_state_dict(state)
         return plain.save_pretrained(path)
 

@@ -50,6 +50,17 @@ def test_head_blocks_are_independent_and_save_and_load(tmp_path):
         loaded.check_draft(type("Cfg", (), {"hidden_size": 32})())
 
 
+def test_a_statistics_only_head_ignores_the_hidden_state_and_round_trips(tmp_path):
+    head = AcceptanceHead(16, 3, {"name": "x"}, n_stats=3, use_hidden=False)
+    assert sum(p.numel() for p in head.parameters()) == 3 * 32 + 32 + 32 + 1  # the statistics path only
+    stats = torch.randn(5, 3)
+    assert torch.equal(head(torch.randn(5, 16), stats), head(torch.randn(5, 16), stats))
+    loaded = AcceptanceHead.from_pretrained(head.save_pretrained(tmp_path / "h"))
+    assert not loaded.use_hidden and torch.equal(loaded(torch.zeros(5, 16), stats), head(torch.zeros(5, 16), stats))
+    with pytest.raises(ValueError, match="must read the draft's statistics"):
+        AcceptanceHead(16, 3, use_hidden=False)
+
+
 def test_head_loads_the_upstream_checkpoint_layout(tmp_path):
     h, depth = 8, 3
     block_w, block_b = torch.randn(h, h), torch.randn(h)

@@ -152,3 +152,18 @@ def test_fp32_linears_keep_a_bf16_models_values_and_restore_it():
     fp32 = tiny_llama(0, layers=2).eval()
     with torch.no_grad(), fp32_linears(fp32):  # nothing to do for a float32 model
         assert not any("forward" in vars(m) for m in fp32.modules())
+
+
+def test_training_forward_of_a_bf16_draft_runs_with_fp32_products():
+    """The token path of training runs a bf16 draft's decoder and LM head inside fp32_linears (CPU)."""
+    from specdecpp.module import AcceptanceHeadModule
+
+    module = AcceptanceHeadModule(target="tiny", draft="tiny-bf16", head_stats=True)
+    module.draft = tiny_llama(0, layers=2).to(torch.bfloat16).eval()
+    module.configure_model()
+    torch.nn.init.normal_(module.head.out.weight)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        logits = module(ids, torch.ones_like(ids))
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    assert not any("forward" in vars(m) for m in module.draft.modules())

@@ -90,7 +90,8 @@ class AcceptanceHead(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "n_stats": self.n_stats,
-                  "use_hidden": self.use_hidden, "calibration": self.calibration.tolist(), "draft": self.draft, "format": "specdecpp"}
+                  "use_hidden": self.use_hidden, "calibration": self.calibration.tolist(), "draft": self.draft,
+                  "format": "specdecpp"}
         (path / CONFIG).write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
         return path

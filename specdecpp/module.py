@@ -90,9 +90,9 @@ class AcceptanceHeadModule(L.LightningModule):
     """
 
     def __init__(self, target: str = "default", draft: str | int | None = None, num_layers: int = 3,
-                 head_stats: bool = False, head_hidden: bool = True, w_rej: float = 6.0, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.03,
-                 n_bins: int = 10, export_dir: str | None = None):
+                 head_stats: bool = False, head_hidden: bool = True, w_rej: float = 6.0, lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.03, n_bins: int = 10,
+                 export_dir: str | None = None):
         super().__init__()
         if w_rej <= 0:
             raise ValueError(f"w_rej must be > 0, got {w_rej}")

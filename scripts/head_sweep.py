@@ -55,7 +55,10 @@ def logistic_reference(dm) -> list[str]:
     rows = []
     for cols, name in (([2], "logistic on log top-2 margin"), ([0, 1, 2], "logistic on the three statistics")):
         w = torch.zeros(len(cols) + 1, dtype=torch.float64, requires_grad=True)
-        design = lambda a: torch.cat([a[:, cols].double(), torch.ones(len(a), 1, dtype=torch.float64)], 1)  # noqa: E731
+
+        def design(a, cols=cols):  # the chosen columns and an intercept
+            return torch.cat([a[:, cols].double(), torch.ones(len(a), 1, dtype=torch.float64)], 1)
+
         opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
 
         def closure():

@@ -109,11 +109,17 @@ class GenerationStats:
 
 
 def bootstrap_interval(columns: list[list[float]], statistic: Callable[..., torch.Tensor], n_boot: int = 2000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+                       level: float = 0.95, seed: int = 0, groups: list | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic(*column_sums)` over items (prompts): each resample draws the
     same items for every column, so paired quantities (a setting and its baseline on the same prompts) stay
-    paired. `statistic` takes and returns tensors of resampled sums, e.g. lambda n, t: n / t."""
+    paired. `statistic` takes and returns tensors of resampled sums, e.g. lambda n, t: n / t. With `groups` (one
+    label per item, e.g. the prompt of each (prompt, seed) record) whole groups are resampled: repeats of one
+    prompt are not independent draws."""
     x = torch.tensor(columns, dtype=torch.float64)  # [C, n]
+    if groups is not None:  # statistics read column sums only, so summing within groups first is exact
+        labels = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        index = torch.tensor([labels[g] for g in groups])
+        x = torch.zeros(x.shape[0], len(labels), dtype=x.dtype).index_add_(1, index, x)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(x.shape[1], (n_boot, x.shape[1]), generator=g)
     values = statistic(*x[:, idx].sum(-1))  # [n_boot]

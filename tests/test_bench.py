@@ -173,3 +173,45 @@ def test_batched_engine_sweep_keeps_one_record_per_prompt_with_the_same_tokens(t
         assert r["batch_size"] == 2 and a["batch_size"] == 1
         assert (r["new_tokens"], r["target_calls"], r["drafted"]) == (a["new_tokens"], a["target_calls"], a["drafted"])
         assert r["charged_s"] == pytest.approx(r["batch_s"] / 2) and r["total_s"] <= r["batch_s"]
+
+
+def _records(seed, rng):
+    """Synthetic engine records: 12 prompts x (target, constant k=1, constant k=3), random lengths and times."""
+    out = []
+    for pid in range(12):
+        n = int(rng.integers(8, 64))
+        for name, k, per_token in (("target", None, 0.07), ("constant", 1, 0.06), ("constant", 3, 0.05)):
+            secs = n * per_token * float(rng.uniform(0.7, 1.3))
+            calls = n if k is None else n // k + 1
+            out.append({"dataset": "alpaca", "prompt_id": pid, "seed": seed, "policy": name,
+                        "params": {} if k is None else {"k": k}, "setting": name if k is None else f"{name} k={k}",
+                        "new_tokens": n, "charged_s": secs, "prefill_s": 0.0, "target_calls": calls,
+                        "draft_calls": 0, "drafted": n - calls, "discarded": int(rng.integers(0, 3)),
+                        "tokens_per_s": n / secs, "batch_size": 1})
+    return out
+
+
+def test_intervals_resample_prompts_not_seeds():
+    """A second seed that repeats every record exactly adds no evidence: the intervals must not narrow."""
+    import numpy as np
+
+    from specdecpp.bench.summary import paired_difference, summarize
+    from specdecpp.stats import bootstrap_interval
+
+    records = _records(0, np.random.default_rng(0))
+    twice = records + [{**r, "seed": 1} for r in records]
+    d, ci = paired_difference(records, "alpaca", "constant k=3", "constant k=1")
+    assert ci[0] < d < ci[1]
+    d2, ci2 = paired_difference(twice, "alpaca", "constant k=3", "constant k=1")
+    assert (d2, *ci2) == pytest.approx((d, *ci))
+    once = {r["setting"]: r for r in summarize(records)}
+    for row in summarize(twice):
+        assert row["prompts"] == 2 * once[row["setting"]]["prompts"]
+        for key in ("speedup_ci", "verification_rate_ci", "discard_rate_ci"):
+            assert row[key] == pytest.approx(once[row["setting"]][key])
+    # the same duplicates taken as independent items narrow the interval: the grouping is what holds it
+    secs = [r["charged_s"] for r in records if r["setting"] == "constant k=3"]
+    tokens = [float(r["new_tokens"]) for r in records if r["setting"] == "constant k=3"]
+    lo, hi = bootstrap_interval([tokens, secs], lambda a, b: a / b)
+    lo2, hi2 = bootstrap_interval([tokens * 2, secs * 2], lambda a, b: a / b)
+    assert hi2 - lo2 < 0.9 * (hi - lo)

@@ -7,10 +7,15 @@ from ..costs import CostModel, suggest_threshold
 from ..stats import bootstrap_interval
 
 
+def _ratio(a, b):
+    return a / b
+
+
 def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
     """Per (dataset, setting): ratios of sums over prompts (seconds are each record's charged_s: a batched row's
     share of its batch's wall time), speedup against the same run's target-only rows, and
-    95% bootstrap intervals over prompts (speedups resampled paired with the baseline's same prompts)."""
+    95% bootstrap intervals over prompts (speedups resampled paired with the baseline's same prompts; a prompt's
+    seeds are resampled together)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["setting"]), []).append(r)
@@ -21,6 +26,7 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
         prefill = sum(r["prefill_s"] for r in rs)
         calls, discarded = [r["target_calls"] for r in rs], [r["discarded"] for r in rs]
         tokens = [r["new_tokens"] for r in rs]
+        prompts = [r["prompt_id"] for r in rs]  # the bootstrap's unit: a prompt with all its seeds
         rows.append({"dataset": dataset, "setting": setting, "policy": rs[0]["policy"], "params": rs[0]["params"],
                      "prompts": len(rs), "batch_size": rs[0].get("batch_size", 1), "new_tokens": n, "seconds": secs,
                      "prefill_s": prefill,
@@ -29,9 +35,9 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
                      "draft_calls": sum(r["draft_calls"] for r in rs),
                      "drafted": sum(r["drafted"] for r in rs), "discarded": sum(discarded),
                      "verification_rate": sum(calls) / n,
-                     "verification_rate_ci": bootstrap_interval([calls, tokens], lambda a, b: a / b, n_boot),
+                     "verification_rate_ci": bootstrap_interval([calls, tokens], _ratio, n_boot, groups=prompts),
                      "discard_rate": sum(discarded) / n,
-                     "discard_rate_ci": bootstrap_interval([discarded, tokens], lambda a, b: a / b, n_boot),
+                     "discard_rate_ci": bootstrap_interval([discarded, tokens], _ratio, n_boot, groups=prompts),
                      "mean_acceptance_length": n / sum(calls),
                      "per_prompt_tokens_per_s": [r["tokens_per_s"] for r in rs]})
     for row in rows:
@@ -43,7 +49,7 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
         row["speedup_ci"] = bootstrap_interval(
             [[r["new_tokens"] for r, _ in paired], [r["charged_s"] for r, _ in paired],
              [b["new_tokens"] for _, b in paired], [b["charged_s"] for _, b in paired]],
-            lambda n, t, nb, tb: (n / t) / (nb / tb), n_boot)
+            lambda n, t, nb, tb: (n / t) / (nb / tb), n_boot, groups=[r["prompt_id"] for r, _ in paired])
         per = [(r["new_tokens"] / r["charged_s"]) / (b["new_tokens"] / b["charged_s"]) for r, b in paired]
         row["speedup_min"], row["speedup_max"] = min(per), max(per)
     return rows
@@ -52,7 +58,7 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
 def paired_difference(records: list[dict], dataset: str, setting: str, other: str, n_boot: int = 2000,
                       ) -> tuple[float, tuple[float, float]]:
     """speedup(setting) - speedup(other) over the same prompts of `dataset`, with its 95% bootstrap interval (each
-    resample draws the same prompts for both settings and the target-only baseline)."""
+    resample draws the same prompts, with all their seeds, for both settings and the target-only baseline)."""
     by = {(r["setting"], r["prompt_id"], r["seed"]): r for r in records if r["dataset"] == dataset}
     keys = sorted({(p, s) for (name, p, s) in by if name == setting})
     base = next(r["setting"] for r in records if r["dataset"] == dataset and r["policy"] == "target")
@@ -62,7 +68,7 @@ def paired_difference(records: list[dict], dataset: str, setting: str, other: st
         return (n / t - n_o / t_o) / (n_b / t_b)
 
     sums = [sum(c) for c in cols]
-    return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot)
+    return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot, groups=[p for p, _ in keys])
 
 
 def verdict(records: list[dict], summary: list[dict], dataset: str) -> str | None:

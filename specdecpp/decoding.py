@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .lowp import has_slow_linears, rows_products
 from .policies import DraftToken, LengthPolicy
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, n_accepted, probs, residual, sample
 from .stats import GenerationStats, Round
@@ -45,6 +46,7 @@ class _RowCache:
         self.cols: list[list[int]] = [[] for _ in range(rows)]
         self.valid = torch.zeros(rows, 0, dtype=torch.bool, device=model.device)  # [B, columns]
         self.calls = 0
+        self.slow = has_slow_linears(model)  # a bf16/fp16 model on a CPU: many-row forwards in fp32 (lowp.py)
 
     def seen(self, row: int) -> int:
         return len(self.cols[row])
@@ -65,9 +67,10 @@ class _RowCache:
             c.extend(range(width + p, width + w))
         dev = self.model.device
         self.valid = torch.cat([self.valid, torch.tensor([[False] * p + [True] * (w - p) for p in pad], device=dev)], 1)
-        out = self.model(input_ids=torch.tensor(ids, device=dev), position_ids=torch.tensor(pos, device=dev),
-                         attention_mask=None if self.dense else self.valid, cache=self.cache, use_cache=True,
-                         logits_to_keep=keep, output_hidden_states=hidden)
+        with rows_products(self.model, len(ids) * w, self.slow):
+            out = self.model(input_ids=torch.tensor(ids, device=dev), position_ids=torch.tensor(pos, device=dev),
+                             attention_mask=None if self.dense else self.valid, cache=self.cache, use_cache=True,
+                             logits_to_keep=keep, output_hidden_states=hidden)
         self.calls += 1
         return out
 

@@ -153,3 +153,22 @@ def test_sampling_with_a_precision_draft_matches_the_target_distribution(samplin
     counts, acceptance = sample_counts(target, draft, ConstantK(3), cfg, seed=12)
     assert acceptance > 0.9  # a close copy
     assert chi_square_p_value(counts, expected, N_SAMPLES) > ALPHA
+
+
+@pytest.mark.parametrize("policy", [ConstantK(4), Margin(0.3, k_max=8)], ids=repr)
+def test_a_bf16_draft_prefilled_with_fp32_products_keeps_the_output_exact(tiny_pair, policy):
+    """A prompt of FP32_FROM_ROWS tokens or more reaches a bf16 draft through fp32 products (lowp.py), later
+    one-token steps through its own kernels: the output is still the target's greedy output, also in a batch."""
+    from specdecpp.lowp import FP32_FROM_ROWS
+
+    target, _ = tiny_pair
+    draft = copy.deepcopy(target).to(torch.bfloat16)
+    prompt = list(range(3, 3 + FP32_FROM_ROWS + 4))
+    out = speculative_generate(target, draft, prompt, policy, GREEDY, max_new_tokens=30)
+    assert draft.__dict__.get("_fp32_copies")  # the prefill took the fp32 path
+    assert not any("forward" in vars(m) for m in draft.modules())  # and the draft has its own kernels again
+    assert out.tokens == target_greedy(target, prompt, 30)
+    assert out.stats.accepted > 0
+    batch = speculative_generate(target, draft, [prompt, PROMPTS[1]], [copy.deepcopy(policy) for _ in range(2)],
+                                 GREEDY, max_new_tokens=30)
+    assert batch[0].tokens == out.tokens and batch[1].tokens == target_greedy(target, PROMPTS[1], 30)

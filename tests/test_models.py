@@ -167,3 +167,31 @@ def test_training_forward_of_a_bf16_draft_runs_with_fp32_products():
         logits = module(ids, torch.ones_like(ids))
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
     assert not any("forward" in vars(m) for m in module.draft.modules())
+
+
+def test_fp32_copies_are_kept_with_the_model_and_follow_its_weights():
+    from specdecpp.lowp import FP32_FROM_ROWS, has_slow_linears, rows_products
+
+    model = tiny_llama(0, layers=1).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        with fp32_linears(model):
+            first = model(ids).logits
+        copies = dict(model.__dict__["_fp32_copies"])
+        with fp32_linears(model):  # the second entry converts nothing
+            assert torch.equal(model(ids).logits, first)
+        assert all(model.__dict__["_fp32_copies"][k][2] is c[2] for k, c in copies.items())
+        model.lm_head.weight.mul_(2)  # a weight changed in place: its copy is made again
+        with fp32_linears(model):
+            assert not torch.equal(model(ids).logits, first)
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert torch.equal(model.__dict__["_fp32_copies"][id(model.lm_head.weight)][2],
+                           model.lm_head.weight.float())
+    assert "_fp32_copies" not in model.state_dict()
+    assert has_slow_linears(model) and not has_slow_linears(tiny_llama(0, layers=1))
+    with rows_products(model, FP32_FROM_ROWS - 1, True):
+        assert not any("forward" in vars(m) for m in model.modules())
+    with rows_products(model, FP32_FROM_ROWS, True):
+        assert any("forward" in vars(m) for m in model.modules())
+    with rows_products(model, FP32_FROM_ROWS, False):
+        assert not any("forward" in vars(m) for m in model.modules())

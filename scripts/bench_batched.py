@@ -32,12 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def old_engine(rev: str):
-    """`speculative_generate` as it was at git revision `rev` (its package copied out under another name)."""
+    """`speculative_generate` as it was at git revision `rev` (its package copied out under another name), with
+    today's policies module, so that the policy objects both engines are given are of the classes they check for."""
     tmp = Path(tempfile.mkdtemp())
     archive = subprocess.run(["git", "archive", rev, "specdecpp"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
     (tmp / "specdecpp").rename(tmp / "specdecpp_old")
     sys.path.insert(0, str(tmp))
+    sys.modules["specdecpp_old.policies"] = importlib.import_module("specdecpp.policies")
     return importlib.import_module("specdecpp_old.decoding").speculative_generate
 
 

@@ -215,3 +215,19 @@ def test_intervals_resample_prompts_not_seeds():
     lo, hi = bootstrap_interval([tokens, secs], lambda a, b: a / b)
     lo2, hi2 = bootstrap_interval([tokens * 2, secs * 2], lambda a, b: a / b)
     assert hi2 - lo2 < 0.9 * (hi - lo)
+
+
+def test_prompt_offset_takes_later_prompts_and_keeps_their_ids(tmp_path, tiny_head):
+    from specdecpp.bench.benchmark import Benchmark
+    from specdecpp.prompts import load_prompts
+
+    cfg = tiny_cfg(tmp_path, tiny_head, prompt_offset=3, prompts_per_dataset=2, datasets="[alpaca]")
+    bench = Benchmark(cfg, callbacks=[])
+    assert bench.prompts["alpaca"] == load_prompts("alpaca", "test", 5)[3:]
+    bench.run()
+    assert {r["prompt_id"] for r in bench.records} == {3, 4}
+    with pytest.raises(ValueError, match="prompt_offset must be >= 0"):
+        Benchmark(tiny_cfg(tmp_path, tiny_head, prompt_offset=-1))
+    with pytest.raises(ValueError, match="humaneval: no prompts after prompt_offset 1000"):
+        Benchmark(tiny_cfg(tmp_path, tiny_head, prompt_offset=1000, datasets="[humaneval]"))
+

@@ -24,8 +24,12 @@ class Benchmark:
         self.cfg = cfg
         self.settings = expand_settings(cfg)
         check_heads_match_draft(cfg, self.settings)
-        self.prompts = {d: load_prompts(d, "test" if d in TEST_ONLY else cfg.split,
-                                        cfg.prompts_per_dataset, cfg.data_dir) for d in cfg.datasets}
+        first, n = cfg.prompt_offset, cfg.prompts_per_dataset  # prompt ids in records count from the split's start
+        self.prompts = {d: load_prompts(d, "test" if d in TEST_ONLY else cfg.split, first + n, cfg.data_dir)[first:]
+                        for d in cfg.datasets}
+        for d, prompts in self.prompts.items():
+            if not prompts:
+                raise ValueError(f"{d}: no prompts after prompt_offset {first}")
         self.callbacks = callbacks or []
         self.out_dir = Path(cfg.out_dir)
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
@@ -67,9 +71,9 @@ class Benchmark:
             for seed, pids, generate in runs:
                 for s in self.settings:  # interleaved per prompt (batch): machine noise hits every setting alike
                     for pid, (stats, policy) in zip(pids, generate(self.policy(s))):
-                        record = {"dataset": dataset, "prompt_id": pid, "seed": seed, "policy": s.name,
-                                  "params": s.params, "setting": s.label, "mode": self.cfg.mode, **stats.to_dict(),
-                                  "stop_log": getattr(policy, "stop_log", None)}
+                        record = {"dataset": dataset, "prompt_id": self.cfg.prompt_offset + pid, "seed": seed,
+                                  "policy": s.name, "params": s.params, "setting": s.label, "mode": self.cfg.mode,
+                                  **stats.to_dict(), "stop_log": getattr(policy, "stop_log", None)}
                         self.records.append(record)
                         for cb in self.callbacks:
                             cb.on_record(self, record)
@@ -111,7 +115,7 @@ class Benchmark:
                 return [(stats, policy)]
             yield self.cfg.seeds[0], [pid], simulate
             for cb in self.callbacks:  # after every setting ran on it: its branches are there
-                cb.on_trace(self, dataset, pid, trace)
+                cb.on_trace(self, dataset, self.cfg.prompt_offset + pid, trace)
             trace.release()
 
     @functools.cached_property

@@ -32,6 +32,7 @@ class BenchConfig:
     split: str = "test"  # Alpaca split; HumanEval and GSM8K are test sets
     data_dir: str | None = None
     prompts_per_dataset: int = 4
+    prompt_offset: int = 0  # skip the split's first prompts (a confirmatory run on prompts earlier runs never saw)
     seeds: list[int] = field(default_factory=lambda: [0])
     policies: list[PolicySpec] = field(default_factory=lambda: [PolicySpec("target")])
     max_new_tokens: int = 64
@@ -96,6 +97,8 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
             settings.append(Setting(spec.name, {**spec.params, **dict(zip(keys, values))}))
     if len(settings) == 1:
         raise ValueError("the sweep is empty: list at least one speculative policy under `policies`")
+    if cfg.prompt_offset < 0:
+        raise ValueError(f"prompt_offset must be >= 0, got {cfg.prompt_offset}")
     if not cfg.datasets or cfg.prompts_per_dataset < 1 or not cfg.seeds:
         raise ValueError("the sweep is empty: it needs datasets, prompts_per_dataset >= 1 and seeds")
     if cfg.mode not in ("engine", "replay"):

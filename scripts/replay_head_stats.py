@@ -7,8 +7,9 @@ margin and oracle grids and one SpecDec++ grid per head given, then the dev/test
     python scripts/replay_head_stats.py --head runs/bf16-greedy/head-stats --head runs/bf16-greedy/head-stats-50k \
         --tag 50k --draft-cost 0.518 --verify-cost 0.075   # costs fixed: the main replay table's measured ones
 
-With --draft-cost/--verify-cost the speeds are priced at those costs instead of costs timed in this run (so the
-run may share the machine, and its table compares with a run measured at those costs).
+With --draft-cost/--verify-cost/--round-cost the speeds are priced at those costs instead of costs timed in this
+run (so the run may share the machine, and its table compares with a run measured at those costs). Runs before
+the round cost r existed priced r = 0: add --round-cost 0 to reproduce them.
 """
 
 import argparse
@@ -28,10 +29,11 @@ def main() -> None:
     ap.add_argument("--tag", default="v2", help="runs/replay-<tag>[-dev], docs/replay-results-head-stats[-<tag>].md")
     ap.add_argument("--draft-cost", type=float)
     ap.add_argument("--verify-cost", type=float)
+    ap.add_argument("--round-cost", type=float)
     args = ap.parse_args()
     heads = args.head or ["runs/bf16-greedy/head-stats"]
-    costs = [f"{k}={v}" for k, v in (("draft_cost", args.draft_cost), ("verify_cost", args.verify_cost))
-             if v is not None]
+    costs = [f"{k}={v}" for k, v in (("draft_cost", args.draft_cost), ("verify_cost", args.verify_cost),
+                                     ("round_cost", args.round_cost)) if v is not None]
     out = {"dev": f"runs/replay-{args.tag}-dev", "test": f"runs/replay-{args.tag}"}
     for split, overrides in (("dev", ["datasets=[alpaca]", "split=dev", "prompts_per_dataset=50"]), ("test", [])):
         cfg = load_config(ROOT / "configs/bench/replay.yaml", [*overrides, *costs, f"out_dir={out[split]}"])

@@ -1,11 +1,14 @@
 """Cost models of speculative decoding: what a round costs, measured or fitted, and what-if predictions.
 
-In units of one target call on one token: a draft step costs c, and a target call that scores k drafted tokens
-(plus its own) costs 1 + v k (on a GPU v is near 0; on a CPU the target is compute-bound and v is not).
-A generation with R target calls and D drafted tokens then costs  T = R + (c + v) D,  and target-only decoding of
-N tokens costs N. The paper's two-term model T = t_draft N_draft + t_target N_target is the same with
-t_target = 1 and t_draft = c + v; its threshold theorem stops drafting once P(>= 1 rejection) exceeds
-(c2 + Delta) / (c1 + c2 + Delta), c1 = cost of a discarded token, c2 = cost of a verification beyond a drafted token.
+In units of one target call on one token: a draft step costs c, and a target call that scores k >= 1 drafted
+tokens (plus its own) costs 1 + r + v k: r is the step from a one-token forward to a multi-token one (on this
+CPU the fp32 target's 2-token forward costs about 1.4 one-token ones, and longer ones little more each), v each
+further token (on a GPU r and v are near 0; on a CPU the target is compute-bound and they are not).
+A generation with R target calls, V of them verifying drafts, and D drafted tokens costs  T = R + r V + (c + v) D,
+and target-only decoding of N tokens costs N. The paper's two-term model T = t_draft N_draft + t_target N_target
+is the same with r = 0, t_target = 1 and t_draft = c + v; its threshold theorem stops drafting once P(>= 1
+rejection) exceeds (c2 + Delta) / (c1 + c2 + Delta), c1 = cost of a discarded token, c2 = cost of a verification
+beyond a drafted token (here 1 + r - c - v).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ class CostModel:
     target_s: float  # seconds of one target call on one token
     draft: float  # c: one draft step, in target calls
     verify: float  # v: each extra token a target call scores, in target calls
+    round_cost: float = 0.0  # r: what a call that scores drafted tokens costs beyond a one-token call, before v
 
-    def seconds(self, target_calls: int, drafted: int) -> float:
-        return self.target_s * (target_calls + (self.draft + self.verify) * drafted)
+    def seconds(self, target_calls: int, drafted: int, verified_rounds: int = 0) -> float:
+        return self.target_s * (target_calls + self.round_cost * verified_rounds + (self.draft + self.verify) * drafted)
 
     def threshold(self) -> float:
         """Theorem 3.1's threshold with Delta = 0 (not in the paper, which tunes h because Delta is unknown)."""
-        return suggest_threshold(self.draft + self.verify, 1.0)
+        return suggest_threshold(self.draft + self.verify, 1.0 + self.round_cost)
 
 
 def suggest_threshold(t_draft: float, t_target: float) -> float:
@@ -41,9 +45,10 @@ def suggest_threshold(t_draft: float, t_target: float) -> float:
 
 @torch.inference_mode()
 def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, context: int = 128,
-                  scored: tuple[int, ...] = (1, 5, 9, 17), repeats: int = 7) -> CostModel:
-    """Time, interleaved and best of `repeats`, a cached draft step and target calls scoring k tokens after a
-    `context`-token prefix; fit t(k) = a + b (k - 1) by least squares: c = draft step / a, v = b / a."""
+                  scored: tuple[int, ...] = (2, 5, 9, 17), repeats: int = 7) -> CostModel:
+    """Time, interleaved and best of `repeats`, a cached draft step, a one-token target call and target calls
+    scoring k tokens after a `context`-token prefix; fit t(k) = a + b (k - 1) over the k-token calls by least
+    squares: c = draft step / t(1), v = b / t(1), r = a / t(1) - 1 (r and v clipped at 0)."""
     ids = (torch.arange(100, 100 + context, device=target.device) % target.config.vocab_size)[None]
 
     def prefilled(model):
@@ -59,46 +64,60 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, context: int 
         return dt
 
     t_cache, d_cache = prefilled(target), prefilled(draft)
-    best = {k: float("inf") for k in scored}
+    sizes = sorted({1, *scored})
+    best = {k: float("inf") for k in sizes}
     best_draft = float("inf")
     for _ in range(repeats + 1):  # the first pass warms up and is dropped by min() only if slower
         best_draft = min(best_draft, timed(draft, d_cache, 1))
-        for k in scored:
+        for k in sizes:
             best[k] = min(best[k], timed(target, t_cache, k))
-    x = torch.tensor([[1.0, k - 1.0] for k in scored], dtype=torch.float64)
-    y = torch.tensor([[best[k]] for k in scored], dtype=torch.float64)
-    a, b = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
-    return CostModel(target_s=a, draft=best_draft / a, verify=max(b, 0.0) / a)
+    many = [k for k in sizes if k > 1]
+    x = torch.tensor([[1.0, k - 1.0] for k in many], dtype=torch.float64)
+    y = torch.tensor([[best[k]] for k in many], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(x, y).solution[:, 0].tolist() if len(many) > 1 else (best[many[0]], 0.0)
+    one = best[1]
+    return CostModel(target_s=one, draft=best_draft / one, verify=max(b, 0.0) / one,
+                     round_cost=max(a / one - 1.0, 0.0))
 
 
-def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float]]:
-    """Per dataset, the paper's T = t_draft * N_draft + t_target * N_target, fitted by least squares to each
-    generation's decoding time (total minus the prompt prefill, which no policy changes); then each setting's
-    time per token predicted from its counts alone plus its measured prefill. Oracle rows are left out of the
-    fit: their timing includes a lookahead they do not book. t_draft prices one drafted token: its draft step
-    and its share of the verification (not free when the target is compute-bound, as on a CPU)."""
+def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Per dataset, T = t_draft N_draft + t_target N_target + t_round N_verify (the paper's two terms, plus what a
+    target call that verifies drafts costs beyond a one-token call), fitted by least squares to each generation's
+    decoding time (total minus the prompt prefill, which no policy changes); then each setting's time per token
+    predicted from its counts alone plus its measured prefill. Oracle rows are left out of the fit: their timing
+    includes a lookahead they do not book. t_draft prices one drafted token: its draft step and its share of the
+    verification (not free when the target is compute-bound, as on a CPU). Target-only rows (no verifying call)
+    tell t_target from t_round."""
     fits = {}
     for dataset in {r["dataset"] for r in records}:
         rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
-        x = torch.tensor([[r["drafted"], r["target_calls"]] for r in rs], dtype=torch.float64)
+        x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
         y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
-        t_draft, t_target = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
-        fits[dataset] = (t_draft, t_target)
+        t_draft, t_target, t_round = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
+        fits[dataset] = (t_draft, t_target, t_round)
         for row in summary:
             if row["dataset"] == dataset:
-                predicted = (t_draft * row["drafted"] + t_target * row["target_calls"] + row["prefill_s"]) \
-                    / row["new_tokens"]
+                predicted = (t_draft * row["drafted"] + t_target * row["target_calls"]
+                             + t_round * row["verified_rounds"] + row["prefill_s"]) / row["new_tokens"]
                 measured = row["seconds"] / row["new_tokens"]
-                row.update(t_draft=t_draft, t_target=t_target, predicted_s_per_token=predicted,
+                row.update(t_draft=t_draft, t_target=t_target, t_round=t_round, predicted_s_per_token=predicted,
                            measured_s_per_token=measured, cost_model_error=predicted / measured - 1)
     return fits
 
 
-def whatif(rows: list[dict], draft_costs: list[float], verify: float) -> dict[str, list[float]]:
+def verified_rounds(record: dict) -> int:
+    """Target calls of a record that scored drafted tokens (from its rounds, for records older than the field)."""
+    if "verified_rounds" in record:
+        return record["verified_rounds"]
+    return sum(1 for r in record["round_detail"] if r["drafted"] > 0)
+
+
+def whatif(rows: list[dict], draft_costs: list[float], verify: float, round_cost: float = 0.0,
+           ) -> dict[str, list[float]]:
     """Predicted speedup over target-only of each summary row (one dataset) at every draft cost c, from its
-    counts alone: N / (R + (c + v) D). Keyed by setting label."""
-    return {r["setting"]: [r["new_tokens"] / (r["target_calls"] + (c + verify) * r["drafted"]) for c in draft_costs]
-            for r in rows}
+    counts alone: N / (R + r V + (c + v) D). Keyed by setting label."""
+    return {r["setting"]: [r["new_tokens"] / (r["target_calls"] + round_cost * r["verified_rounds"]
+                                              + (c + verify) * r["drafted"]) for c in draft_costs] for r in rows}
 
 
 def best_per_policy(curves: dict[str, list[float]], rows: list[dict]) -> dict[str, list[float]]:

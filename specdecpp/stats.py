@@ -45,6 +45,11 @@ class GenerationStats:
         return sum(r.accepted for r in self.rounds)
 
     @property
+    def verified_rounds(self) -> int:
+        """Target calls that scored drafted tokens (the rest decode one token, as target-only decoding does)."""
+        return sum(1 for r in self.rounds if r.drafted > 0)
+
+    @property
     def discarded(self) -> int:
         return self.drafted - self.accepted
 
@@ -94,7 +99,8 @@ class GenerationStats:
         """A flat dict of counts, times and derived rates (what a benchmark row holds)."""
         row = {k: v for k, v in asdict(self).items() if k != "rounds"}
         row.update(
-            rounds=len(self.rounds), drafted=self.drafted, accepted=self.accepted, discarded=self.discarded,
+            rounds=len(self.rounds), verified_rounds=self.verified_rounds, drafted=self.drafted,
+            accepted=self.accepted, discarded=self.discarded,
             charged_s=self.charged_s, overhead_s=self.overhead_s, verification_rate=self.verification_rate,
             discard_rate=self.discard_rate,
             mean_acceptance_length=self.mean_acceptance_length, draft_acceptance_rate=self.draft_acceptance_rate,

@@ -5,6 +5,7 @@ pass of each model per prompt (`specdecpp.replay`) and priced by a cost model me
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import time
@@ -111,7 +112,7 @@ class Benchmark:
         for pid, trace in traces:
             def simulate(policy, trace=trace):
                 stats = replay_generation(trace, policy, self.cfg.max_new_tokens)
-                stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted)
+                stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted, stats.verified_rounds)
                 return [(stats, policy)]
             yield self.cfg.seeds[0], [pid], simulate
             for cb in self.callbacks:  # after every setting ran on it: its branches are there
@@ -127,8 +128,8 @@ class Benchmark:
 
     def _replay_costs(self) -> CostModel:
         measured = measure_costs(self.pair.target, self.pair.draft)
-        return CostModel(measured.target_s, measured.draft if self.cfg.draft_cost is None else self.cfg.draft_cost,
-                         measured.verify if self.cfg.verify_cost is None else self.cfg.verify_cost)
+        given = {"draft": self.cfg.draft_cost, "verify": self.cfg.verify_cost, "round_cost": self.cfg.round_cost}
+        return dataclasses.replace(measured, **{k: v for k, v in given.items() if v is not None})
 
 
 def run_benchmark(cfg: BenchConfig, callbacks: list[Callback] | None = None) -> list[dict]:

@@ -128,11 +128,12 @@ class WhatIf(Callback):
 
         c_measured = bench.costs.draft
         grid = sorted({*self.COSTS, round(c_measured, 4)})
-        result = {"draft_cost_measured": c_measured, "verify_cost": bench.costs.verify, "draft_costs": grid,
+        result = {"draft_cost_measured": c_measured, "verify_cost": bench.costs.verify,
+                  "round_cost": bench.costs.round_cost, "draft_costs": grid,
                   "datasets": {}}
         for dataset in bench.prompts:
             rows = [r for r in summary if r["dataset"] == dataset]
-            best = best_per_policy(whatif(rows, grid, bench.costs.verify), rows)
+            best = best_per_policy(whatif(rows, grid, bench.costs.verify, bench.costs.round_cost), rows)
             gaps = {}
             if {"specdecpp", "constant", "oracle"} <= set(best):
                 gaps = {f"c={c:g}": gap_closed(best, grid.index(c)) for c in (round(c_measured, 4), 0.05, 0.2)}

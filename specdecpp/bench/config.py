@@ -50,6 +50,7 @@ class BenchConfig:
     trace_batch_size: int = 16  # replay: prompts per batched target generation of the traces
     draft_cost: float | None = None  # replay: c, a draft step in target calls (None: measured in this run)
     verify_cost: float | None = None  # replay: v, each extra scored token in target calls (None: measured)
+    round_cost: float | None = None  # replay: r, a call that verifies drafts beyond a one-token call (None: measured)
     bootstrap: int = 2000  # resamples of prompts for the 95% intervals
     trace_cache: bool = True  # replay: keep each prompt's trace under $SPECDECPP_CACHE/traces (resumable, reusable)
 

@@ -3,7 +3,7 @@ bootstrap intervals over prompts; and the console table."""
 
 from __future__ import annotations
 
-from ..costs import CostModel, suggest_threshold
+from ..costs import CostModel, suggest_threshold, verified_rounds
 from ..stats import bootstrap_interval
 
 
@@ -34,6 +34,7 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
                      "target_calls": sum(calls),
                      "draft_calls": sum(r["draft_calls"] for r in rs),
                      "drafted": sum(r["drafted"] for r in rs), "discarded": sum(discarded),
+                     "verified_rounds": sum(map(verified_rounds, rs)),
                      "verification_rate": sum(calls) / n,
                      "verification_rate_ci": bootstrap_interval([calls, tokens], _ratio, n_boot, groups=prompts),
                      "discard_rate": sum(discarded) / n,
@@ -126,17 +127,19 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
                                  for c, w, f in cols))
         by_policy = best_by_policy(summary, dataset)
         if fitted:
-            t_d, t_t = rows[0]["t_draft"], rows[0]["t_target"]
+            t_d, t_t, t_r = rows[0]["t_draft"], rows[0]["t_target"], rows[0]["t_round"]
             errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
-            out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call (+ "
-                       f"measured prefill); max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
-            h = suggest_threshold(t_d, t_t)
+            out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call, "
+                       f"{t_r * 1e3:+.1f} ms more per call that verifies drafts (+ measured prefill); "
+                       f"max |predicted/measured - 1| = {max(errors):.1%} (oracle excluded)")
+            h = suggest_threshold(t_d, t_t + t_r)
         elif costs is None:
             out.append(f"speeds are throughput: batches of {rows[0].get('batch_size', '?')} prompts")
             h = None
         else:
             out.append(f"cost model (in target calls of {costs.target_s * 1e3:.1f} ms): draft step c = "
-                       f"{costs.draft:.3f}, each extra scored token v = {costs.verify:.3f}; prompt prefill not counted")
+                       f"{costs.draft:.3f}, a verifying call r = {costs.round_cost:.3f} more, each extra scored token "
+                       f"v = {costs.verify:.3f}; prompt prefill not counted")
             h = costs.threshold()
         parts = [] if h is None else [
             f"SpecDec++ threshold from Theorem 3.1 with Delta = 0 at this cost ratio: h = {h:.2f}"]

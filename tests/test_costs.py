@@ -1,0 +1,72 @@
+"""The cost model: what a round costs, measured on a clocked model and fitted to records."""
+
+import time
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from specdecpp.costs import CostModel, fit_cost_model, measure_costs, whatif
+from specdecpp.stats import GenerationStats, Round
+
+
+class Clocked(torch.nn.Module):
+    """A tiny model whose every forward advances a fake clock by cost(number of input tokens)."""
+
+    def __init__(self, cost, clock):
+        super().__init__()
+        self.model, self.cost, self.clock = tiny_llama(0, layers=1).eval(), cost, clock
+        self.config = self.model.config
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def forward(self, input_ids, **kw):
+        self.clock[0] += self.cost(input_ids.shape[1])
+        return self.model(input_ids=input_ids, **kw)
+
+
+def test_measured_costs_separate_the_step_to_a_multi_token_call_from_each_further_token(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    target = Clocked(lambda k: 0.010 if k == 1 else 0.014 + 0.001 * (k - 1), clock)
+    draft = Clocked(lambda k: 0.005, clock)
+    costs = measure_costs(target, draft, context=32, repeats=2)
+    assert costs.target_s == pytest.approx(0.010)
+    assert (costs.draft, costs.round_cost, costs.verify) == pytest.approx((0.5, 0.4, 0.1))
+    # a round of 8 drafted tokens: 1 + r + 8 v target calls for the verification, 8 c for the drafts
+    assert costs.seconds(1, 8, 1) == pytest.approx(0.010 * (1 + 0.4 + 0.8 + 4.0))
+    assert costs.seconds(5, 0, 0) == pytest.approx(0.050)  # target-only calls pay no round cost
+    # Theorem 3.1 at Delta = 0: c1 = c + v = 0.6, c2 = 1 + r - c1 = 0.8
+    assert costs.threshold() == pytest.approx(0.8 / 1.4)
+    assert CostModel(0.01, 0.5, 0.1).threshold() == pytest.approx(0.4)  # r = 0: the two-term model
+
+
+def test_verified_rounds_count_the_calls_that_scored_drafts():
+    stats = GenerationStats(rounds=[Round(4, 4, "policy"), Round(0, 0, "limit"), Round(2, 0, "policy")])
+    assert stats.verified_rounds == 2 and stats.summary()["verified_rounds"] == 2
+
+
+def _record(setting, calls, verified, drafted, seconds, prefill=0.5):
+    return {"dataset": "d", "policy": setting.split()[0], "setting": setting, "target_calls": calls,
+            "verified_rounds": verified, "drafted": drafted, "total_s": seconds + prefill, "prefill_s": prefill,
+            "new_tokens": 100}
+
+
+def test_the_engine_fit_recovers_the_cost_of_a_verifying_call():
+    t_d, t_t, t_r = 0.04, 0.07, 0.03
+    shapes = [("target", 100, 0, 0), ("target", 60, 0, 0), ("constant k=8", 12, 12, 96), ("constant k=8", 14, 14, 90),
+              ("margin x", 10, 10, 95), ("margin x", 20, 18, 70)]
+    records = [_record(s, c, v, d, t_d * d + t_t * c + t_r * v) for s, c, v, d in shapes]
+    summary = [{"dataset": "d", "setting": s, "drafted": d, "target_calls": c, "verified_rounds": v, "prefill_s": 0.5,
+                "new_tokens": 100, "seconds": t_d * d + t_t * c + t_r * v + 0.5} for s, c, v, d in shapes[::2]]
+    fits = fit_cost_model(records, summary)
+    assert fits["d"] == pytest.approx((t_d, t_t, t_r))
+    assert all(abs(row["cost_model_error"]) < 1e-9 for row in summary)
+
+
+def test_whatif_prices_verifying_calls():
+    rows = [{"setting": "a", "new_tokens": 100, "target_calls": 10, "verified_rounds": 10, "drafted": 90}]
+    assert whatif(rows, [0.5], 0.1, 0.4)["a"] == [pytest.approx(100 / (10 + 4 + 0.6 * 90))]
+    assert whatif(rows, [0.5], 0.1)["a"] == [pytest.approx(100 / (10 + 0.6 * 90))]

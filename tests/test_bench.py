@@ -186,6 +186,7 @@ def _records(seed, rng):
             out.append({"dataset": "alpaca", "prompt_id": pid, "seed": seed, "policy": name,
                         "params": {} if k is None else {"k": k}, "setting": name if k is None else f"{name} k={k}",
                         "new_tokens": n, "charged_s": secs, "prefill_s": 0.0, "target_calls": calls,
+                        "verified_rounds": 0 if k is None else calls,
                         "draft_calls": 0, "drafted": n - calls, "discarded": int(rng.integers(0, 3)),
                         "tokens_per_s": n / secs, "batch_size": 1})
     return out

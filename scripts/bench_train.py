@@ -16,6 +16,7 @@ import yaml
 from _report import report
 
 from specdecpp.data import AcceptanceDataModule
+from specdecpp.lowp import fp32_linears
 from specdecpp.module import AcceptanceHeadModule, weighted_bce
 
 
@@ -40,7 +41,7 @@ def main() -> None:
         if step > args.steps:
             break
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), fp32_linears(module.draft):  # as the module's token path runs a bf16 draft on a CPU
             hidden = module.draft.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                                 use_cache=False).last_hidden_state
         t1 = time.perf_counter()
@@ -53,7 +54,9 @@ def main() -> None:
             t_draft, t_head = t_draft + t1 - t0, t_head + t2 - t1
             tokens += int(batch["attention_mask"].sum())
     total = t_draft + t_head
-    text = (f"`{args.config}`, batch {cfg['data']['batch_size']}, fp32 on CPU, {args.steps} steps after one warm-up "
+    dtype = next(module.draft.parameters()).dtype
+    text = (f"`{args.config}`, batch {cfg['data']['batch_size']}, draft in {dtype} on CPU, {args.steps} steps after "
+            f"one warm-up "
             f"step: **{tokens / total:.0f} training tokens/s**; frozen draft forward **{t_draft / total:.0%}** of step "
             f"time, head forward + backward + AdamW **{t_head / total:.0%}** "
             f"({total / args.steps * 1000:.0f} ms/step).\n")

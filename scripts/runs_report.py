@@ -1,0 +1,45 @@
+"""Paired differences between every two speculative settings of engine runs, and the three-term cost fit.
+
+    python scripts/runs_report.py runs/wallclock-confirm                      # one run
+    python scripts/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
+
+Reads each run's records.jsonl (several runs are pooled: their prompts must differ); prints, per dataset, the
+speedup difference of each pair of settings with its 95% bootstrap interval over prompts (bench/summary.py's
+paired_difference) and the fit T = t_draft D + t_target R + t_round V (costs.fit_cost_model) in target calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from specdecpp.bench.summary import paired_difference, summarize
+from specdecpp.costs import fit_cost_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    args = ap.parse_args()
+    records = [json.loads(line) for run in args.runs for line in (run / "records.jsonl").read_text().splitlines()]
+    summary = summarize(records)
+    fits = fit_cost_model(records, summary)
+    for dataset in sorted({r["dataset"] for r in records}):
+        settings = [r["setting"] for r in summary if r["dataset"] == dataset and r["policy"] != "target"]
+        print(f"== {dataset} ({', '.join(map(str, args.runs))})")
+        for row in summary:
+            if row["dataset"] == dataset:
+                print(f"  {row['setting']}: {row['speedup']:.3f}x [{row['speedup_ci'][0]:.3f}, "
+                      f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations")
+        for a, b in itertools.combinations(settings, 2):
+            d, (lo, hi) = paired_difference(records, dataset, a, b)
+            print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        t_d, t_t, t_r = fits[dataset]
+        print(f"  cost fit: {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, {t_r * 1e3:+.1f} ms "
+              f"a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target calls")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 from lightning.pytorch.cli import LightningCLI
 
 from specdecpp.data import AcceptanceDataModule
-from specdecpp.module import AcceptanceHeadModule
+from specdecpp.module import AcceptanceHeadModule, check_checkpoint
 
 
 class CLI(LightningCLI):
@@ -11,6 +11,9 @@ class CLI(LightningCLI):
         # one pair of models for data and head: set them under data, the model follows
         parser.link_arguments("data.target", "model.target")
         parser.link_arguments("data.draft", "model.draft")
+
+    def before_fit(self) -> None:
+        check_checkpoint(self.config_init[self.subcommand].get("ckpt_path"))  # before any model loads
 
 
 def main(args=None) -> None:

@@ -36,7 +36,7 @@ def main() -> None:
                                      ("round_cost", args.round_cost)) if v is not None]
     out = {"dev": f"runs/replay-{args.tag}-dev", "test": f"runs/replay-{args.tag}"}
     for split, overrides in (("dev", ["datasets=[alpaca]", "split=dev", "prompts_per_dataset=50"]), ("test", [])):
-        cfg = load_config(ROOT / "configs/bench/replay.yaml", [*overrides, *costs, f"out_dir={out[split]}"])
+        cfg = load_config(ROOT / "configs/bench/replay.yaml", [*overrides, *costs, f"out_dir={out[split]}", "overwrite=true"])
         template = next(p for p in cfg.policies if p.params.get("head"))  # the statistics head's grid
         cfg.policies = [p for p in cfg.policies if p.name in ("constant", "margin", "oracle")]
         cfg.policies[-1:-1] = [replace(template, params={**template.params, "head": h}) for h in heads]

@@ -20,6 +20,8 @@ greedy decoding (and close to it at T = 1, where accepted tokens follow min(p, q
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -39,8 +41,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from . import atomic
 from .lowp import fp32_linears
-from .models import ModelPair, cache_dir, load_pair
+from .models import ModelPair, cache_dir, draft_ref, load_pair
 from .prompts import TEST_ONLY, load_prompts
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, sample
 
@@ -178,7 +181,7 @@ def _save_shard(path: Path, records: list[Record], index: list[int], skipped: in
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"skipped": str(skipped)})
     tmp.replace(path)
-    path.with_suffix(".sha256").write_text(_sha256(path))  # written last: its presence marks the shard complete
+    atomic.write_text(path.with_suffix(".sha256"), _sha256(path))  # written last: its presence marks the shard complete
 
 
 def _shard_complete(path: Path) -> bool:
@@ -228,8 +231,8 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
     eos = {pair.tokenizer.eos_token_id} if pair.tokenizer.eos_token_id is not None else set()
     pad_id = pad_token_id(pair.tokenizer)
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps({"models": pair.names, "n_prompts": len(prompts),
-                                                         **asdict(cfg)}, indent=2))
+        atomic.write_text(out_dir / "config.json", json.dumps({"models": pair.names, "n_prompts": len(prompts),
+                                                               **asdict(cfg)}, indent=2))
     limit = min(cfg.max_prompt_tokens, getattr(pair.target.config, "max_position_embeddings", 10**9)
                 - cfg.max_new_tokens)
     encoded = [pair.encode(p) for p in prompts]
@@ -253,11 +256,35 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
     return out_dir
 
 
+def verified(out_dir: Path) -> bool:
+    """Marked complete and every shard present and undamaged (checked at every use: a marker alone can lie)."""
+    marker = out_dir / "complete"
+    if not marker.is_file():
+        return False
+    bad = [i for i in range(int(marker.read_text())) if not _shard_complete(out_dir / f"shard_{i:05d}.safetensors")]
+    if bad:
+        log.warning("%s: shards %s are missing or damaged; they will be prepared again", out_dir, bad)
+        marker.unlink()
+    return not bad
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path):
+    """One process at a time prepares `out_dir`; the others wait, then find its shards done."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def mark_complete(out_dir: Path, n_shards: int) -> None:
     missing = [i for i in range(n_shards) if not _shard_complete(out_dir / f"shard_{i:05d}.safetensors")]
     if missing:
         raise RuntimeError(f"{out_dir}: shards {missing} are missing or damaged; run preparation again")
-    (out_dir / "complete").write_text(str(n_shards))
+    atomic.write_text(out_dir / "complete", str(n_shards))
 
 
 def load_prepared(out_dir: Path) -> tuple[list[Record], int]:
@@ -269,7 +296,9 @@ def load_prepared(out_dir: Path) -> tuple[list[Record], int]:
     for path in shards:
         loaded = _load_shard(path)
         if loaded is None:
-            raise ValueError(f"{path} is damaged: run preparation again to rebuild it")
+            (out_dir / "complete").unlink(missing_ok=True)  # so the next preparation rebuilds it
+            raise ValueError(f"{path} is damaged: run preparation again (train.py fit with data.prepare: true) to "
+                             f"rebuild it")
         records += loaded[0]
         skipped += loaded[1]
     return records, skipped
@@ -383,6 +412,7 @@ class AcceptanceDataModule(L.LightningDataModule):
                  batch_size: int = 8, mixing_ratio: float = 0.15, num_workers: int = 0, prepare: bool = True,
                  cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", features: bool = False):
         super().__init__()
+        draft = draft_ref(draft)  # "3" from a command line: a 3-layer self-draft
         self.save_hyperparameters()
         if not 0.0 <= mixing_ratio < 1.0:
             raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
@@ -429,7 +459,7 @@ class AcceptanceDataModule(L.LightningDataModule):
 
     def _prepare(self, rank: int, world: int) -> None:
         dirs, prompts = self.dirs(), self.split_prompts()
-        todo = [s for s, d in dirs.items() if not (d / "complete").is_file()]
+        todo = [s for s, d in dirs.items() if not verified(d)]
         if not todo:
             return
         if not self.hparams.prepare:
@@ -439,7 +469,8 @@ class AcceptanceDataModule(L.LightningDataModule):
         pair = load_pair(h.target, h.draft, h.dtype, h.device)
         for split in todo:
             start = time.perf_counter()
-            prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
+            with locked(dirs[split]) if world == 1 else contextlib.nullcontext():  # ranks share one directory
+                prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
             if world > 1:  # every rank's shards written: rank 0 checks them all and marks the split complete
                 self.trainer.strategy.barrier(f"prepare-{split}")
                 if rank == 0:

@@ -217,12 +217,22 @@ def speculative_generate(
     prompts, single = _as_batch(prompt_ids)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = context_length(target, draft)
+    for row, p in enumerate(prompts):
+        if len(p) + max_new_tokens > context:
+            raise ValueError(f"{'the prompt' if single else f'prompt {row}'} has {len(p)} tokens: with max_new_tokens "
+                             f"{max_new_tokens} that is {len(p) + max_new_tokens} positions, past the models' context "
+                             f"of {context}; shorten it, lower max_new_tokens, or cut it from the left "
+                             f"(ModelPair.generate(..., truncate=True))")
     if isinstance(policy, LengthPolicy):
         policies = [policy] + [policy.fresh() for _ in prompts[1:]]
     elif len(policy) != len(prompts):
         raise ValueError(f"got {len(policy)} policies for {len(prompts)} prompts: give one, or one per prompt")
     else:
         policies = list(policy)
+    if draft is not None:
+        for pol in {id(p): p for p in policies}.values():
+            pol.check_draft(draft)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     rows = [_Row(p, pol) for p, pol in zip(prompts, policies)]
     for r in rows:
@@ -272,6 +282,14 @@ def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
     if torch.is_tensor(prompt_ids):
         prompt_ids = prompt_ids.reshape(-1).tolist()
     prompts = [[int(t) for t in p] for p in ([prompt_ids] if single else prompt_ids)]
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("the prompt is empty: speculative decoding needs at least one prompt token")
+    empty = [row for row, p in enumerate(prompts) if not p]
+    if empty:
+        where = "the prompt is" if single else f"prompt {empty[0]} of the batch is"
+        raise ValueError(f"{where} empty: speculative decoding needs at least one prompt token")
     return prompts, single
+
+
+def context_length(*models: torch.nn.Module | None) -> int:
+    """The most positions every given model was trained for (`max_position_embeddings`; unbounded if none says)."""
+    return min((getattr(m.config, "max_position_embeddings", None) or 10**9 for m in models if m is not None),
+               default=10**9)

@@ -26,7 +26,7 @@ def main() -> None:
     train.main(["fit", "--config", str(ROOT / "configs/train/demo.yaml")])
     print(f"\n== 3/3: sweep the length policies (configs/bench/demo.yaml), {time.perf_counter() - start:.0f} s so far",
           flush=True)
-    run_benchmark(load_config(ROOT / "configs/bench/demo.yaml"))
+    run_benchmark(load_config(ROOT / "configs/bench/demo.yaml", ["overwrite=true"]))  # a re-run replaces the last
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
 
 

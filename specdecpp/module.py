@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -25,9 +26,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
-from .head import N_STATS, AcceptanceHead, fit_platt, soft_ece, stat_features
+from .head import N_STATS, AcceptanceHead, draft_fingerprint, fit_platt, soft_ece, stat_features
 from .lowp import fp32_linears
-from .models import default_draft, load_draft, precision_draft_dtype
+from .models import default_draft, draft_ref, load_draft, precision_draft_dtype
 from .sampling import draft_stats
 
 STOP_WINDOWS = (1, 2, 4, 8)
@@ -75,6 +76,26 @@ class SoftReliability(Metric):
         return {"ece_soft": ece, "count": self.count, "mean_pred": self.pred / n, "mean_label": self.label / n}
 
 
+def check_checkpoint(path: str | Path | None) -> None:
+    """Refuse a checkpoint that is missing or not a whole torch archive (a truncated copy), by name."""
+    if path is None or path in ("last", "best", "hpc", "registry"):  # Lightning's own names, resolved by it
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"checkpoint {path} is damaged or truncated ({e}): use another one (e.g. an earlier "
+                         f"epoch's) or start without --ckpt_path") from None
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} is damaged: its member {bad} fails its CRC check")
+
+
+HEAD_SHAPE = ("num_layers", "head_stats", "head_hidden")  # hyperparameters that change the head's tensors
+
+
 class AcceptanceHeadModule(L.LightningModule):
     """Frozen draft + trainable acceptance head.
 
@@ -94,12 +115,14 @@ class AcceptanceHeadModule(L.LightningModule):
                  weight_decay: float = 0.0, warmup_ratio: float = 0.03, n_bins: int = 10,
                  export_dir: str | None = None):
         super().__init__()
+        draft = draft_ref(draft)  # "3" from a command line: a 3-layer self-draft
         if w_rej <= 0:
             raise ValueError(f"w_rej must be > 0, got {w_rej}")
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold the head only, never the draft
         self.draft: torch.nn.Module | None = None
         self.head: AcceptanceHead | None = None
+        self._draft_fingerprint: list[float] | None = None
         self.val_loss_num, self.val_loss_den = SumMetric(), SumMetric()
         self.val_sum_accept, self.val_sum_reject = SumMetric(), SumMetric()  # sum P, sum w_rej (1 - P)
         self.val_kl, self.val_brier_soft, self.val_brier = MeanMetric(), MeanMetric(), MeanMetric()
@@ -120,12 +143,15 @@ class AcceptanceHeadModule(L.LightningModule):
         draft = default_draft(self.hparams.target) if draft is None else draft
         of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
         return {"name": f"{self.hparams.target}:{draft}" if of_target else str(draft or self.hparams.target),
-                "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
+                "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
+                "fingerprint": self._draft_fingerprint}
 
     def configure_model(self) -> None:
         h = self.hparams
         if self.draft is None:  # (a caller may set `draft` to a model in hand before fitting)
             self.draft = load_draft(h.target, h.draft)[0].requires_grad_(False).eval()
+        if self._draft_fingerprint is None:  # before sharding: the sums need whole weights
+            self._draft_fingerprint = draft_fingerprint(self.draft)
         if self.head is None:
             self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity,
                                        N_STATS if h.head_stats else 0, h.head_hidden)
@@ -284,8 +310,19 @@ class AcceptanceHeadModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("draft_identity")
-        if self.draft is not None and saved is not None and saved != self.draft_identity:
-            raise ValueError(f"this checkpoint was trained on draft {saved}, not on {self.draft_identity}")
+        if self.draft is not None and saved is not None:
+            ours = self.draft_identity
+            if {k: v for k, v in saved.items() if k in ours} != {k: v for k, v in ours.items() if k in saved}:
+                raise ValueError(f"this checkpoint was trained on draft {saved}, not on {ours}")
+        # strict_loading is off (the draft is never in a checkpoint), so compare the head's shape by hand
+        given = {k: checkpoint.get("hyper_parameters", {}).get(k) for k in HEAD_SHAPE}
+        wanted = {k: self.hparams[k] for k in HEAD_SHAPE}
+        keys = {k[len("head."):] for k in checkpoint.get("state_dict", {}) if k.startswith("head.")}
+        if any(v is not None and v != wanted[k] for k, v in given.items()) or (
+                self.head is not None and keys != set(self.head.state_dict())):
+            raise ValueError(f"the checkpoint holds a head with {given} ({len(keys)} tensors) but this run asks for "
+                             f"{wanted}: drop the --model overrides to resume it, or train a new head without "
+                             f"--ckpt_path")
 
     def export_head(self, path: str | Path) -> Path | None:
         """Gather the (possibly sharded) head and save it unsharded; collective under FSDP, rank 0 writes."""

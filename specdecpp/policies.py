@@ -52,6 +52,9 @@ class LengthPolicy:
     def end_round(self, drafted: int, accepted: int) -> None:
         pass
 
+    def check_draft(self, draft: torch.nn.Module) -> None:
+        """Raise if this policy cannot work with `draft` (a head trained for another draft); called before decoding."""
+
     def fresh(self) -> LengthPolicy:
         """A copy with state of its own, for another row of a batch; the modules it holds (a head) are shared."""
         shared = {id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}
@@ -86,9 +89,7 @@ class ConstantK(LengthPolicy):
     name = "constant"
 
     def __init__(self, k: int):
-        if k < 1:
-            raise ValueError(f"constant K must be >= 1, got {k}")
-        self.k = k
+        self.k = _check_count("constant K", k)
 
     def begin_round(self) -> int:
         return self.k
@@ -108,7 +109,7 @@ class Heuristic(LengthPolicy):
     name = "heuristic"
 
     def __init__(self, k: int = 5, k_max: int = 64):
-        if not 1 <= k <= k_max:
+        if not 1 <= _check_count("heuristic k", k) <= _check_count("heuristic k_max", k_max):
             raise ValueError(f"heuristic needs 1 <= k <= k_max, got k={k}, k_max={k_max}")
         self.k0, self.k, self.k_max = k, k, k_max
 
@@ -132,8 +133,17 @@ def _check_threshold(h: float) -> float:
     return h
 
 
+def _check_count(name: str, value, low: int = 1) -> int:
+    """A whole number of tokens >= low; refuses 2.5 and True (bool is an int subclass)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def _check_bounds(k_min: int, k_max: int) -> None:
-    if not 1 <= k_min <= k_max:
+    if not 1 <= _check_count("K_min", k_min) <= _check_count("K_max", k_max):
         raise ValueError(f"bounds must satisfy 1 <= K_min <= K_max, got K_min={k_min}, K_max={k_max}")
 
 
@@ -328,6 +338,11 @@ class SpecDecPP(TokenRule):
     def reset(self) -> None:
         self.stop_log = []
 
+    def check_draft(self, draft: torch.nn.Module) -> None:
+        check = getattr(self.head, "check_draft", None)  # a trained AcceptanceHead knows its draft; a callable not
+        if check is not None:
+            check(draft)
+
     def begin_round(self) -> int:
         self.p_all_accepted = 1.0
         self.predictions = []
@@ -373,9 +388,7 @@ class Oracle(LengthPolicy):
     hindsight = True
 
     def __init__(self, lookahead: int = 20):
-        if lookahead < 1:
-            raise ValueError(f"oracle lookahead must be >= 1, got {lookahead}")
-        self.lookahead = lookahead
+        self.lookahead = _check_count("oracle lookahead", lookahead)
 
     def begin_round(self) -> int:
         return self.lookahead

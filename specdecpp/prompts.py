@@ -44,11 +44,22 @@ def _read_records(path: Path, mtime_ns: int) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         if path.name.endswith(".json"):
-            records = json.load(f)
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
             if not isinstance(records, list):
                 raise ValueError(f"{path}: a .json prompt file must hold a list of records")
             return records
-        return [json.loads(line) for line in f if line.strip()]
+        records = []
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}); a .jsonl "
+                                     f"file holds one JSON record per line") from None
+        return records
 
 
 def alpaca_body(r: dict) -> str:
@@ -89,10 +100,12 @@ def format_bodies(dataset: str, records: list[dict], split: str) -> list[str]:
 
 
 def field_bodies(records: list[dict], field: str, where: str) -> list[str]:
-    missing = [i for i, r in enumerate(records) if field not in r]
-    if missing:
-        raise ValueError(f"{where}: record {missing[0]} has no {field!r} field (set the prompt field name)")
-    return [str(r[field]) for r in records]
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or field not in r:
+            raise ValueError(f"{where}: record {i} has no {field!r} field (set the prompt field name)")
+        if not isinstance(r[field], str):
+            raise ValueError(f"{where}: record {i}'s {field!r} is {type(r[field]).__name__} {r[field]!r}, not text")
+    return [r[field] for r in records]
 
 
 def load_prompts(dataset: str, split: str = "test", limit: int | None = None,

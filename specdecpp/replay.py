@@ -22,18 +22,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from .data import sample_responses
+from .head import draft_fingerprint
 from .policies import DraftToken, LengthPolicy
 from .sampling import SamplingConfig, draft_stats
 from .stats import GenerationStats, Round
 
 GREEDY = SamplingConfig(temperature=0)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,16 +134,22 @@ def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[l
             return None
         blob = json.dumps({"key": key, "prompt": prompts[i], "max_new_tokens": max_new_tokens, "eos": sorted(eos),
                            "branch_length": branch_length, "format": TRACE_FORMAT}, sort_keys=True)
-        return Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.pt"
+        return Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.safetensors"
 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     paths = {i: path(i) for i in order}
-    cached = {i for i in order if paths[i] is not None and paths[i].is_file()}
-    todo = [i for i in order if i not in cached]
-    for i in sorted(cached):
-        yield i, load_trace(paths[i])
+    todo = [i for i in order if paths[i] is None or not paths[i].is_file()]
+    for i in sorted(set(order) - set(todo)):
+        try:
+            trace = load_trace(paths[i])
+        except ValueError as e:  # damaged (e.g. truncated by a crash): computed again below
+            log.warning("%s; computing it again", e)
+            todo.append(i)
+            continue
+        yield i, trace
         if progress is not None:
             progress.update()
+    todo.sort(key=lambda i: (len(prompts[i]), i))
     for lo in range(0, len(todo), batch_size):
         generator = torch.Generator(device=target.device).manual_seed(0)  # unused in greedy mode
         batch = todo[lo: lo + batch_size]
@@ -152,52 +163,59 @@ def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[l
                 progress.update()
 
 
-TRACE_FORMAT = 1
+TRACE_FORMAT = 2  # 2: safetensors with JSON metadata (1 was a pickle)
 
 
-@torch.no_grad()
 def weights_fingerprint(pair) -> list[float]:
-    """A cheap fingerprint of both models' weights (sums of the first and last parameter tensors) for trace keys:
-    the same names with other weights must not reuse saved traces."""
-    out = []
-    for model in (pair.target, pair.draft):
-        params = list(model.parameters())
-        out += [round(float(params[0].double().sum()), 6), round(float(params[-1].double().sum()), 6)]
-    return out
+    """Both models' weight fingerprints, for trace keys: the same names with other weights must not reuse traces."""
+    return [round(x, 6) for model in (pair.target, pair.draft) for x in draft_fingerprint(model)]
 
 
 def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
-    """Complete every mismatch's branch (to EOS or `branch_length` tokens), then write the trace atomically."""
+    """Complete every mismatch's branch (to EOS or `branch_length` tokens), then write the trace atomically as
+    safetensors: the token ids in its JSON metadata, statistics and hidden states as tensors (data only, no pickle)."""
     for m in trace.mismatches:
         if trace.draft[m] in trace.eos:
             continue
         s = 1
         while s <= branch_length - 1 and trace.branch(m, s)[0] not in trace.eos:
             s += 1
-    data = {"prompt": trace.prompt, "target": trace.target, "draft": trace.draft, "eos": sorted(trace.eos),
-            "stats": torch.tensor([[t.prob, t.entropy, t.margin] for t in trace.tokens], dtype=torch.float64),
-            "hidden": torch.stack([t.hidden for t in trace.tokens]) if trace.tokens else None,
-            "branches": {m: ([y for y, _ in b.steps],
-                             torch.tensor([[t.prob, t.entropy, t.margin] for _, t in b.steps], dtype=torch.float64),
-                             torch.stack([t.hidden for _, t in b.steps]) if b.steps else None)
-                         for m, b in trace.branches.items()}}
+    tensors = {}
+
+    def put(name: str, tokens: list[DraftToken]) -> None:
+        if tokens:
+            tensors[f"{name}.stats"] = torch.tensor([[t.prob, t.entropy, t.margin] for t in tokens], dtype=torch.float64)
+            tensors[f"{name}.hidden"] = torch.stack([t.hidden for t in tokens]).contiguous()
+
+    put("trace", trace.tokens)
+    for m, b in trace.branches.items():
+        put(f"branch.{m}", [t for _, t in b.steps])
+    ids = {"prompt": trace.prompt, "target": trace.target, "draft": trace.draft, "eos": sorted(trace.eos),
+           "branches": {str(m): [y for y, _ in b.steps] for m, b in trace.branches.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"trace": json.dumps(ids), "format": str(TRACE_FORMAT)})
     tmp.replace(path)
 
 
-def _tokens(stats: torch.Tensor, hidden: torch.Tensor | None) -> list[DraftToken]:
-    return [DraftToken(*map(float, s), hidden[j]) for j, s in enumerate(stats)] if hidden is not None else []
-
-
 def load_trace(path: Path) -> Trace:
-    """A saved trace: complete to its branch length, with no model."""
-    data = torch.load(path, weights_only=False)
-    trace = Trace(data["prompt"], data["target"], data["draft"], _tokens(data["stats"], data["hidden"]),
-                  set(data["eos"]))
-    for m, (ys, stats, hidden) in data["branches"].items():
-        trace.branches[m] = _Branch(None, ys[-1] if ys else data["draft"][m], list(zip(ys, _tokens(stats, hidden))))
+    """A saved trace: complete to its branch length, with no model. Raises ValueError if the file is damaged."""
+    try:
+        with safe_open(path, "pt") as f:
+            ids = json.loads(f.metadata()["trace"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"damaged replay trace {path}: {type(e).__name__}: {e}") from None
+
+    def tokens(name: str) -> list[DraftToken]:
+        if f"{name}.stats" not in tensors:
+            return []
+        return [DraftToken(*map(float, s), h) for s, h in zip(tensors[f"{name}.stats"], tensors[f"{name}.hidden"])]
+
+    trace = Trace(ids["prompt"], ids["target"], ids["draft"], tokens("trace"), set(ids["eos"]))
+    for m, ys in ids["branches"].items():
+        m = int(m)
+        trace.branches[m] = _Branch(None, ys[-1] if ys else ids["draft"][m], list(zip(ys, tokens(f"branch.{m}"))))
     return trace
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import shutil
 import time
 from pathlib import Path
 
+from ..atomic import replace_dir
 from ..costs import CostModel, fit_cost_model, measure_costs
 from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
@@ -32,7 +34,13 @@ class Benchmark:
             if not prompts:
                 raise ValueError(f"{d}: no prompts after prompt_offset {first}")
         self.callbacks = callbacks or []
-        self.out_dir = Path(cfg.out_dir)
+        # files are written to a sibling folder, moved to run_dir only once the run finished: a run that fails
+        # leaves an earlier run in run_dir as it was
+        self.run_dir = Path(cfg.out_dir)
+        self.out_dir = self.run_dir.with_name(self.run_dir.name + ".running")
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not cfg.overwrite:
+            raise FileExistsError(f"out_dir {self.run_dir} holds an earlier run: give a new out_dir, or overwrite=true "
+                                  f"(the earlier run is replaced only once this one has finished)")
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
         self.pair, self.heads = pair, {}
         self.costs: CostModel | None = None  # replay mode: the cost model that prices the counts
@@ -51,14 +59,15 @@ class Benchmark:
 
         for head_dir in {s.head_path(self.cfg.head) for s in self.settings} - {None}:
             self.heads[head_dir] = AcceptanceHead.from_pretrained(head_dir).to(self.pair.device).eval()
-            self.heads[head_dir].check_draft(self.pair.draft.config)
+            self.heads[head_dir].check_draft(self.pair.draft)
 
     def policy(self, setting: Setting) -> LengthPolicy:
         return make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)), **setting.policy_params)
 
     def run(self) -> list[dict]:
         self._setup()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.out_dir, ignore_errors=True)  # what a failed earlier attempt left
+        self.out_dir.mkdir(parents=True)
         if self.cfg.mode == "replay":
             self.costs = self._replay_costs()
         for cb in self.callbacks:
@@ -83,6 +92,7 @@ class Benchmark:
             fit_cost_model(self.records, summary)
         for cb in self.callbacks:
             cb.on_end(self, summary)
+        self.out_dir = replace_dir(self.out_dir, self.run_dir)
         return summary
 
     def _decoded(self, prompts: list[str]):

@@ -43,6 +43,7 @@ class BenchConfig:
     device: str = "cpu"
     warmup: bool = True
     out_dir: str = "runs/bench"
+    overwrite: bool = False  # replace an earlier run in out_dir (only once this run has finished)
     # "engine": decode every setting and time it; "replay": greedy only, simulate every setting from one pass of
     # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
     mode: str = "engine"
@@ -102,6 +103,9 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
         raise ValueError(f"prompt_offset must be >= 0, got {cfg.prompt_offset}")
     if not cfg.datasets or cfg.prompts_per_dataset < 1 or not cfg.seeds:
         raise ValueError("the sweep is empty: it needs datasets, prompts_per_dataset >= 1 and seeds")
+    for name in ("max_new_tokens", "batch_size", "trace_batch_size", "bootstrap"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.mode not in ("engine", "replay"):
         raise ValueError(f"mode must be 'engine' or 'replay', got {cfg.mode!r}")
     if cfg.mode == "replay" and cfg.temperature != 0:

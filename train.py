@@ -12,8 +12,13 @@ class CLI(LightningCLI):
         parser.link_arguments("data.target", "model.target")
         parser.link_arguments("data.draft", "model.draft")
 
-    def before_fit(self) -> None:
-        check_checkpoint(self.config_init[self.subcommand].get("ckpt_path"))  # before any model loads
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads a checkpoint's hyperparameters into the config here, silently over the command line's:
+        first refuse a damaged checkpoint, and one whose head differs from the head asked for, by name."""
+        sub = self.config.get("subcommand")
+        if sub:
+            check_checkpoint(self.config[sub].get("ckpt_path"), dict(self.config[sub].model))
+        super()._parse_ckpt_path()
 
 
 def main(args=None) -> None:

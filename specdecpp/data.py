@@ -79,6 +79,7 @@ class Record:
     log_q: torch.Tensor  # [L] log q(Y_i)
     hidden: torch.Tensor | None = None  # [L, H] the draft's final hidden state that proposed Y_i (features only)
     stats: torch.Tensor | None = None  # [L, 3] q(Y_i), entropy and top-2 margin of q_i, raw logits (features only)
+    index: int | None = None  # the prompt's position in the prepared prompt list
 
 
 def cache_key(names: dict, prompts: list[str], cfg: PrepareConfig) -> str:
@@ -211,7 +212,7 @@ def _load_shard(path: Path) -> tuple[list[Record], int] | None:
     for i in range(len(t["index"])):
         p, x = slice(cuts["prompt"][i], cuts["prompt"][i + 1]), slice(cuts["target"][i], cuts["target"][i + 1])
         records.append(Record(t["prompt"][p], *(t[k][x] for k in FIELDS[1:]),
-                              *(t[k][x] if k in t else None for k in FEATURES)))
+                              *(t[k][x] if k in t else None for k in FEATURES), index=int(t["index"][i])))
     return records, skipped
 
 
@@ -225,7 +226,15 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
 
     With `world` > 1 processes, this one builds shards rank, rank + world, ... (each shard is seeded by its index,
     so the files equal a one-process run's) and the caller marks the directory complete once all ranks are done.
+    Otherwise the directory is locked: another process preparing the same set waits, then finds every shard done.
     """
+    with locked(out_dir) if world == 1 else contextlib.nullcontext():
+        _prepare_shards(pair, prompts, cfg, out_dir, desc, rank, world)
+    return out_dir
+
+
+def _prepare_shards(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Path, desc: str, rank: int,
+                    world: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(prompts) / cfg.batch_size)
     eos = {pair.tokenizer.eos_token_id} if pair.tokenizer.eos_token_id is not None else set()
@@ -253,7 +262,6 @@ def prepare(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out_dir: Pa
         _save_shard(path, records, [k[0] for k in kept], skipped=len(batch) - len(kept))
     if world == 1:
         mark_complete(out_dir, n_shards)
-    return out_dir
 
 
 def verified(out_dir: Path) -> bool:
@@ -287,8 +295,10 @@ def mark_complete(out_dir: Path, n_shards: int) -> None:
     atomic.write_text(out_dir / "complete", str(n_shards))
 
 
-def load_prepared(out_dir: Path) -> tuple[list[Record], int]:
-    """All records of a completely prepared directory and how many prompts were skipped as too long."""
+def load_prepared(out_dir: Path, prompt_order: bool = False) -> tuple[list[Record], int]:
+    """All records of a completely prepared directory and how many prompts were skipped as too long. Records come
+    in preparation's (length-bucketed) order, or with `prompt_order` in the order of the prompt list; each
+    carries its prompt's position in that list as `index`."""
     shards = sorted(out_dir.glob("shard_*.safetensors"))
     if not (out_dir / "complete").is_file() or len(shards) != int((out_dir / "complete").read_text()):
         raise FileNotFoundError(f"no complete prepared data in {out_dir}: run preparation (data.prepare: true)")
@@ -301,6 +311,8 @@ def load_prepared(out_dir: Path) -> tuple[list[Record], int]:
                              f"rebuild it")
         records += loaded[0]
         skipped += loaded[1]
+    if prompt_order:
+        records.sort(key=lambda r: r.index)
     return records, skipped
 
 
@@ -412,8 +424,8 @@ class AcceptanceDataModule(L.LightningDataModule):
                  batch_size: int = 8, mixing_ratio: float = 0.15, num_workers: int = 0, prepare: bool = True,
                  cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", features: bool = False):
         super().__init__()
-        draft = draft_ref(draft)  # "3" from a command line: a 3-layer self-draft
         self.save_hyperparameters()
+        self.hparams.draft = draft_ref(draft)  # "3" from a command line (LightningCLI passes text): a self-draft depth
         if not 0.0 <= mixing_ratio < 1.0:
             raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
         self.prep = PrepareConfig(max_new_tokens, prepare_batch_size, seed, temperature, top_k, top_p,
@@ -469,8 +481,7 @@ class AcceptanceDataModule(L.LightningDataModule):
         pair = load_pair(h.target, h.draft, h.dtype, h.device)
         for split in todo:
             start = time.perf_counter()
-            with locked(dirs[split]) if world == 1 else contextlib.nullcontext():  # ranks share one directory
-                prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
+            prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
             if world > 1:  # every rank's shards written: rank 0 checks them all and marks the split complete
                 self.trainer.strategy.barrier(f"prepare-{split}")
                 if rank == 0:

@@ -76,9 +76,10 @@ class SoftReliability(Metric):
         return {"ece_soft": ece, "count": self.count, "mean_pred": self.pred / n, "mean_label": self.label / n}
 
 
-def check_checkpoint(path: str | Path | None) -> None:
-    """Refuse a checkpoint that is missing or not a whole torch archive (a truncated copy), by name."""
-    if path is None or path in ("last", "best", "hpc", "registry"):  # Lightning's own names, resolved by it
+def check_checkpoint(path: str | Path | None, model_args: dict | None = None) -> None:
+    """Refuse a checkpoint that is missing or not a whole torch archive (a truncated copy), or whose head's shape
+    differs from `model_args` (the module's arguments asked for), by name."""
+    if path is None or str(path) in ("last", "best", "hpc", "registry"):  # Lightning's own names, resolved by it
         return
     path = Path(path)
     if not path.is_file():
@@ -91,6 +92,17 @@ def check_checkpoint(path: str | Path | None) -> None:
                          f"epoch's) or start without --ckpt_path") from None
     if bad is not None:
         raise ValueError(f"checkpoint {path} is damaged: its member {bad} fails its CRC check")
+    if model_args:
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        _check_head_shape(saved, model_args)
+
+
+def _check_head_shape(saved: dict, wanted: dict) -> None:
+    given = {k: saved.get(k) for k in HEAD_SHAPE}
+    asked = {k: wanted.get(k) for k in HEAD_SHAPE}
+    if any(given[k] is not None and asked[k] is not None and given[k] != asked[k] for k in HEAD_SHAPE):
+        raise ValueError(f"the checkpoint holds a head with {given} but this run asks for {asked}: drop the --model "
+                         f"overrides to resume it, or train a new head without --ckpt_path")
 
 
 HEAD_SHAPE = ("num_layers", "head_stats", "head_hidden")  # hyperparameters that change the head's tensors
@@ -115,10 +127,10 @@ class AcceptanceHeadModule(L.LightningModule):
                  weight_decay: float = 0.0, warmup_ratio: float = 0.03, n_bins: int = 10,
                  export_dir: str | None = None):
         super().__init__()
-        draft = draft_ref(draft)  # "3" from a command line: a 3-layer self-draft
         if w_rej <= 0:
             raise ValueError(f"w_rej must be > 0, got {w_rej}")
         self.save_hyperparameters()
+        self.hparams.draft = draft_ref(draft)  # "3" from a command line (LightningCLI passes text): a self-draft depth
         self.strict_loading = False  # checkpoints hold the head only, never the draft
         self.draft: torch.nn.Module | None = None
         self.head: AcceptanceHead | None = None
@@ -315,14 +327,7 @@ class AcceptanceHeadModule(L.LightningModule):
             if {k: v for k, v in saved.items() if k in ours} != {k: v for k, v in ours.items() if k in saved}:
                 raise ValueError(f"this checkpoint was trained on draft {saved}, not on {ours}")
         # strict_loading is off (the draft is never in a checkpoint), so compare the head's shape by hand
-        given = {k: checkpoint.get("hyper_parameters", {}).get(k) for k in HEAD_SHAPE}
-        wanted = {k: self.hparams[k] for k in HEAD_SHAPE}
-        keys = {k[len("head."):] for k in checkpoint.get("state_dict", {}) if k.startswith("head.")}
-        if any(v is not None and v != wanted[k] for k, v in given.items()) or (
-                self.head is not None and keys != set(self.head.state_dict())):
-            raise ValueError(f"the checkpoint holds a head with {given} ({len(keys)} tensors) but this run asks for "
-                             f"{wanted}: drop the --model overrides to resume it, or train a new head without "
-                             f"--ckpt_path")
+        _check_head_shape(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
 
     def export_head(self, path: str | Path) -> Path | None:
         """Gather the (possibly sharded) head and save it unsharded; collective under FSDP, rank 0 writes."""

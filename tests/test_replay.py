@@ -54,7 +54,7 @@ def test_saved_traces_reload_and_replay_the_same_rounds(tiny_pair, tmp_path):
     target, draft = tiny_pair
     eos = {target_greedy(target, PROMPTS[0], 30)[9]}
     fresh = dict(make_traces(target, draft, PROMPTS, 23, eos, batch_size=4, cache_dir=tmp_path, branch_length=10))
-    assert len(list(tmp_path.glob("*.pt"))) == len(PROMPTS)
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(PROMPTS)
     reloaded = dict(make_traces(None, None, PROMPTS, 23, eos, batch_size=4, cache_dir=tmp_path, branch_length=10))
     for policy in all_policies():
         if policy.most_per_round > 10:

@@ -46,7 +46,7 @@ def test_head_blocks_are_independent_and_save_and_load(tmp_path):
     x = torch.randn(5, 16)
     loaded = AcceptanceHead.from_pretrained(head.save_pretrained(tmp_path / "h"))
     assert torch.allclose(loaded(x), head(x)) and loaded.draft["name"] == "x"
-    with pytest.raises(ValueError, match="hidden size 16"):
+    with pytest.raises(ValueError, match=r"hidden_size 16 \(trained\) vs 32"):
         loaded.check_draft(type("Cfg", (), {"hidden_size": 32})())
 
 

@@ -10,12 +10,14 @@ stopped drafting rides along masked while others draft (counted as its `wasted_d
 leaves the batch. The caches (`_RowCache`) share columns between rows: prompts are left-padded, row b's tokens sit
 in columns of its own, rejected tokens leave masked holes, and every forward gets the validity mask and each row's
 own position ids. A batch of one is the same loop with no padding, no holes and no mask.
-Token positions live on the host as Python ints.
+Token positions live on the host as Python ints. What a round drafts, why it stops, what it commits and how it is
+booked is `rounds.RoundState`, shared with the greedy replay (its docstring has the glossary).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +25,10 @@ from transformers import DynamicCache
 
 from .lowp import has_slow_linears, rows_products
 from .policies import DraftToken, LengthPolicy
-from .sampling import SamplingConfig, acceptance_prob, draft_stats, n_accepted, probs, residual, sample
-from .stats import GenerationStats, Round
+from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, residual, sample
+from .sampling import n_accepted as n_accepted_prefix
+from .rounds import RoundState
+from .stats import GenerationStats
 
 FILLER = 0  # the token id fed in masked slots: never attended to, its logits never read
 
@@ -97,22 +101,51 @@ class _RowCache:
 
 
 class _Row:
-    """One sequence of the batch: its tokens, its policy and statistics, and this round's candidates."""
+    """One sequence of the batch: its tokens, its policy and statistics, and its current round."""
 
     def __init__(self, prompt: list[int], policy: LengthPolicy):
         self.seq, self.n_prompt, self.policy = prompt, len(prompt), policy
         self.stats = GenerationStats(prompt_tokens=len(prompt), hindsight=policy.hindsight)
-        self.cand: list[int] = []
-        self.k_max, self.stop, self.live, self.done = 0, "limit", False, False
+        self.round: RoundState | None = None
+        self.done = False
 
     @property
     def generated(self) -> int:
         return len(self.seq) - self.n_prompt
 
+    @property
+    def candidates(self) -> list[int]:
+        return self.round.candidates if self.round is not None else []
+
     def pending(self, model: _RowCache, b: int) -> list[int]:
         """The row's tokens (committed, then this round's candidates) that `model` has not been fed yet."""
         seen = model.seen(b)
-        return self.seq[seen:] + self.cand[max(seen - len(self.seq), 0):]
+        return self.seq[seen:] + self.candidates[max(seen - len(self.seq), 0):]
+
+
+@dataclass
+class Drafts:
+    """What one round drafted, for every row of the batch (K = the longest row's candidate length)."""
+
+    tokens: torch.Tensor  # [B, K] Y_1..Y_K of each row (filler past a row's own length)
+    dists: torch.Tensor  # [B, K, V] q_1..q_K, the draft's (warped) distributions
+    lengths: list[int]  # [B] K_b, each row's candidate length
+
+    @property
+    def q_tokens(self) -> torch.Tensor:
+        """[B, K] q_j(Y_j)."""
+        return self.dists.gather(-1, self.tokens[..., None])[..., 0]
+
+
+@contextmanager
+def _timed(rows: list[_Row], field: str, prefill: bool = False):
+    """Add the seconds spent inside to each row's `stats.<field>` (and to prefill_s for the prompt's call)."""
+    t0 = time.perf_counter()
+    yield
+    dt = time.perf_counter() - t0
+    for r in rows:
+        setattr(r.stats, field, getattr(r.stats, field) + dt)
+        r.stats.prefill_s += dt if prefill else 0.0
 
 
 def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -120,78 +153,71 @@ def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | 
     return dist.argmax(-1) if cfg.greedy else sample(dist, generator)
 
 
-def _draft(drf: _RowCache | None, rows: list[_Row], budget: int, sampling: SamplingConfig,
-           generator: torch.Generator | None, eos: set[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Draft in lockstep until every row stopped (its policy, its round maximum, EOS). Returns per step the
-    drafted tokens [B] and the draft's distributions [B, V] (rows that were not drafting hold filler values)."""
+def _draft(draft_cache: _RowCache | None, rows: list[_Row], max_new_tokens: int, sampling: SamplingConfig,
+           generator: torch.Generator | None, eos: set[int]) -> Drafts:
+    """Draft in lockstep until every row's round stopped (its policy, its round maximum, EOS)."""
     for r in rows:
-        r.k_max = min(r.policy.begin_round(), budget - r.generated - 1)
-        r.cand, r.stop, r.live = [], "limit", r.k_max > 0
-    if drf is None and any(r.live for r in rows):
-        first = next(r.policy for r in rows if r.live)
+        r.round = RoundState(r.policy, r.generated, max_new_tokens)
+    if draft_cache is None and any(r.round.drafting for r in rows):
+        first = next(r.policy for r in rows if r.round.drafting)
         raise ValueError(f"policy {first!r} drafts tokens but no draft model was given")
-    ys, qs = [], []
-    while any(r.live for r in rows):
-        t0 = time.perf_counter()
-        live = [b for b, r in enumerate(rows) if r.live]
-        out = drf([r.pending(drf, b) if r.live else [] for b, r in enumerate(rows)],
-                  hidden=any(rows[b].policy.needs_hidden for b in live))
-        logits = out.logits[:, -1]  # [B, V]
-        q = probs(logits, sampling)
-        y = q.argmax(-1) if sampling.greedy else torch.zeros(len(rows), dtype=torch.long, device=q.device)
-        if not sampling.greedy:
-            y[live] = sample(q[live], generator)
-        ys.append(y)
-        qs.append(q)
-        if any(rows[b].policy.needs_stats for b in live):
-            stats = torch.stack(draft_stats(logits[live], y[live]), 1).tolist()  # one device sync for all rows
-        y_live = y[live].tolist()
-        t1 = time.perf_counter()
-        for j, b in enumerate(live):
-            r, t = rows[b], time.perf_counter()
-            r.cand.append(y_live[j])
-            r.stats.draft_calls += 1
-            if y_live[j] in eos:
-                r.stop, r.live = "eos", False
-                continue
-            token = DraftToken(hidden=out.hidden_states[-1][b, -1] if r.policy.needs_hidden else None)
-            if r.policy.needs_stats:
-                token.prob, token.entropy, token.margin = stats[j]
-            if not r.policy.keep_drafting(len(r.cand), token) and len(r.cand) < r.k_max:
-                r.stop, r.live = "policy", False
-            r.live = r.live and len(r.cand) < r.k_max
-            r.stats.head_s += time.perf_counter() - t
+    steps, dists = [], []
+    while any(r.round.drafting for r in rows):
+        live = [b for b, r in enumerate(rows) if r.round.drafting]
+        with _timed(rows, "draft_s", prefill=draft_cache.calls == 0):
+            out = draft_cache([r.pending(draft_cache, b) if r.round.drafting else [] for b, r in enumerate(rows)],
+                              hidden=any(rows[b].policy.needs_hidden for b in live))
+            logits = out.logits[:, -1]  # [B, V]
+            q = probs(logits, sampling)
+            next_tokens = q.argmax(-1) if sampling.greedy else torch.zeros(len(rows), dtype=torch.long,
+                                                                          device=q.device)
+            if not sampling.greedy:
+                next_tokens[live] = sample(q[live], generator)
+            stats = None
+            if any(rows[b].policy.needs_stats for b in live):  # one device sync for all rows
+                stats = torch.stack(draft_stats(logits[live], next_tokens[live]), 1).tolist()
+            live_tokens = next_tokens[live].tolist()
+        steps.append(next_tokens)
+        dists.append(q)
         for b, r in enumerate(rows):
-            r.stats.draft_s += t1 - t0
-            r.stats.prefill_s += (t1 - t0) if drf.calls == 1 else 0.0
-            r.stats.wasted_draft_steps += b not in live
-    return ys, qs
+            r.stats.wasted_draft_steps += not r.round.drafting
+        for j, b in enumerate(live):
+            r = rows[b]
+            r.stats.draft_calls += 1
+            token = DraftToken(hidden=out.hidden_states[-1][b, -1] if r.policy.needs_hidden else None)
+            if stats is not None and r.policy.needs_stats:
+                token.prob, token.entropy, token.margin = stats[j]
+            with _timed([r], "head_s"):
+                r.round.add(live_tokens[j], token, eos)
+    if not steps:  # no row drafted: an empty [B, 0] record
+        return Drafts(torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros(len(rows), 0, 1), [0] * len(rows))
+    return Drafts(torch.stack(steps, 1), torch.stack(dists, 1), [len(r.candidates) for r in rows])
 
 
-def _verify(tgt: _RowCache, rows: list[_Row], ys: list[torch.Tensor], qs: list[torch.Tensor], device: torch.device,
+def _verify(target_cache: _RowCache, rows: list[_Row], drafts: Drafts, device: torch.device,
             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[list[int], list[int]]:
     """One target forward over every row's unfed tokens and candidates; returns each row's accepted count n_b and
     its round's last token (the residual draw after a rejection, else the bonus from p_{K_b+1})."""
-    k = [len(r.cand) for r in rows]
-    kw, batch = max(k), len(rows)
-    logits = tgt([r.pending(tgt, b) for b, r in enumerate(rows)], keep=kw + 1).logits  # [B, kw+1, V]
-    # row b's p_1..p_{K_b+1} are its last K_b+1 columns, from column kw - K_b on. On the draft's device: a target
-    # spread over devices ends on its last one.
+    lengths, longest, batch = drafts.lengths, drafts.tokens.shape[1], len(rows)
+    logits = target_cache([r.pending(target_cache, b) for b, r in enumerate(rows)], keep=longest + 1).logits
+    # [B, K+1, V]: row b's p_1..p_{K_b+1} are its last K_b+1 columns, from column K - K_b on. On the draft's device:
+    # a target spread over devices ends on its last one.
     p = probs(logits, sampling).to(device)
-    rows_idx = torch.arange(batch, device=device)
-    first = torch.tensor([kw - kb for kb in k], device=device)
-    n = [0] * batch
-    if kw:
-        y = torch.stack(ys, 1)  # [B, kw]
-        q_y = torch.stack([q.gather(-1, t[:, None])[:, 0] for q, t in zip(qs, ys)], 1)  # q_j(Y_j) [B, kw]
-        cols = (first[:, None] + torch.arange(kw, device=device)).clamp(max=kw)  # past a row's K_b: never read
-        p_acc = acceptance_prob(p[rows_idx[:, None], cols, y], q_y)
-        ok = p_acc >= 1 if sampling.greedy else torch.rand(batch, kw, generator=generator, device=device) < p_acc
-        ok &= torch.arange(kw, device=device) < torch.tensor(k, device=device)[:, None]  # a row's own candidates
-        n = n_accepted(ok).tolist()
-    q_n = torch.stack([qs[nb][b] if nb < kb else torch.zeros_like(p[b, 0]) for b, (nb, kb) in enumerate(zip(n, k))])
-    last = _draw(residual(p[rows_idx, first + torch.tensor(n, device=device)], q_n), sampling, generator).tolist()
-    return n, last
+    row_index = torch.arange(batch, device=device)
+    first = torch.tensor([longest - k for k in lengths], device=device)
+    n_accepted = [0] * batch
+    if longest:
+        cols = (first[:, None] + torch.arange(longest, device=device)).clamp(max=longest)  # past K_b: never read
+        p_acc = acceptance_prob(p[row_index[:, None], cols, drafts.tokens], drafts.q_tokens)  # [B, K]
+        ok = p_acc >= 1 if sampling.greedy else torch.rand(batch, longest, generator=generator, device=device) < p_acc
+        ok &= torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]  # own candidates
+        n_accepted = n_accepted_prefix(ok).tolist()
+    # q at the first rejected position (zero where every candidate was accepted: the bonus is drawn from p alone)
+    q_rejected = torch.stack([drafts.dists[b, n] if n < k else torch.zeros_like(p[b, 0])
+                              for b, (n, k) in enumerate(zip(n_accepted, lengths))])
+    p_next = p[row_index, first + torch.tensor(n_accepted, device=device)]  # [B, V]
+    next_tokens = _draw(residual(p_next, q_rejected), sampling, generator).tolist()
+    return n_accepted, next_tokens
 
 
 @torch.inference_mode()
@@ -238,34 +264,34 @@ def speculative_generate(
     for r in rows:
         r.policy.reset()
         r.stats.batch_size = len(rows)
-    tgt, drf = _RowCache(target, len(rows)), (_RowCache(draft, len(rows)) if draft is not None else None)
+    target_cache = _RowCache(target, len(rows))
+    draft_cache = _RowCache(draft, len(rows)) if draft is not None else None
+    caches = [c for c in (target_cache, draft_cache) if c is not None]
     device = (draft if draft is not None else target).device
     active, start = list(rows), time.perf_counter()  # the caches hold exactly the active rows, in this order
 
     while active:
-        ys, qs = _draft(drf, active, max_new_tokens, sampling, generator, eos)
-        t0 = time.perf_counter()
-        n, last = _verify(tgt, active, ys, qs, device, sampling, generator)
-        dt = time.perf_counter() - t0
+        # 1. draft: every row drafts until its policy, its round maximum or EOS stops it
+        drafts = _draft(draft_cache, active, max_new_tokens, sampling, generator, eos)
+        # 2-3. verify every row's candidates in one target call; accept a prefix; draw the round's last token
+        with _timed(active, "verify_s", prefill=target_cache.calls == 0):
+            n_accepted, next_tokens = _verify(target_cache, active, drafts, device, sampling, generator)
+        # 4. commit: book each round, tell its policy, append what it commits; roll both caches back to the
+        # committed tokens (they hold all of them but the last, which the next round feeds)
         kept = []
-        for r, nb, token in zip(active, n, last):
-            r.stats.verify_s += dt
-            r.stats.prefill_s += dt if tgt.calls == 1 else 0.0
-            r.stats.target_calls += 1
-            r.stats.rounds.append(Round(drafted=nb if r.policy.hindsight else len(r.cand), accepted=nb, stop=r.stop))
-            r.policy.end_round(len(r.cand), nb)
-            new = r.cand[:nb] + ([] if nb and r.cand[nb - 1] in eos else [token])
-            kept.append(len(r.seq) + nb)  # the caches keep all committed tokens but the last one
+        for r, n, token in zip(active, n_accepted, next_tokens):
+            kept.append(len(r.seq) + n)
+            new = r.round.close(r.stats, n, token, eos)
             r.seq += new
             r.done = any(t in eos for t in new) or r.generated >= max_new_tokens
             r.stats.total_s = time.perf_counter() - start
-        # commit: drop each row's rejected tokens from both caches, then the finished rows from the batch
-        for model in (tgt, drf) if drf else (tgt,):
-            model.rollback(kept)
+        for cache in caches:
+            cache.rollback(kept)
+        # 5. drop the finished rows from the batch
         going = [b for b, r in enumerate(active) if not r.done]
         if going and len(going) < len(active):
-            for model in (tgt, drf) if drf else (tgt,):
-                model.keep_rows(going)
+            for cache in caches:
+                cache.keep_rows(going)
         active = [active[b] for b in going]
 
     batch_s = time.perf_counter() - start

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-FP32_FROM_ROWS = 8  # embedded bf16 draft, 2-core CPU (scripts/measure_rows.py): 8 rows 75 ms either way, 16 rows
+FP32_FROM_ROWS = 8  # embedded bf16 draft, 2-core CPU (experiments/rows_bench.py): 8 rows 75 ms either way, 16 rows
 # 133 native vs 91 fp32, 64 rows 471 vs 217
 
 

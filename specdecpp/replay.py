@@ -14,7 +14,7 @@ Where exactness holds: the replay is the engine's arithmetic up to the draft's f
 teacher-forced pass and the engine's cached incremental forwards compute the same logits in different shapes. With
 fp32 models that changes nothing the policies see (tests/test_replay.py: every round equal). With a bf16 draft it
 does: a near-tie flips the draft's argmax and the statistics move, and near-ties are exactly where a bf16 copy is
-rejected, so replayed rounds differ from the engine's (`scripts/replay_check.py` measures how often).
+rejected, so replayed rounds differ from the engine's (`experiments/replay_check.py` measures how often).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from .data import sample_responses
 from .head import draft_fingerprint
 from .policies import DraftToken, LengthPolicy
 from .sampling import SamplingConfig, draft_stats
-from .stats import GenerationStats, Round
+from .rounds import RoundState
+from .stats import GenerationStats
 
 GREEDY = SamplingConfig(temperature=0)
 log = logging.getLogger(__name__)
@@ -228,28 +229,18 @@ def replay_generation(trace: Trace, policy: LengthPolicy, max_new_tokens: int) -
         mismatch[j] = j if trace.draft[j] != x[j] else mismatch[j + 1]
     stats = GenerationStats(prompt_tokens=len(trace.prompt), hindsight=policy.hindsight)
     policy.reset()
-    t = drafted = 0
+    t = 0  # tokens committed
     while t < n_out:
-        k_max = min(policy.begin_round(), max_new_tokens - t - 1)
-        cand, stop = [], "limit"
-        while len(cand) < k_max:
-            y, token = trace.run_token(t, len(cand) + 1, mismatch[t])
-            cand.append(y)
-            if y in eos:
-                stop = "eos"
-                break
-            if not policy.keep_drafting(len(cand), token) and len(cand) < k_max:
-                stop = "policy"
-                break
-        k = len(cand)
-        drafted += k
-        n = next((i for i in range(k) if cand[i] != x[t + i]), k)
-        new = cand[:n] + ([] if n and cand[n - 1] in eos else [x[t + n]])
-        stats.rounds.append(Round(drafted=n if policy.hindsight else k, accepted=n, stop=stop))
-        policy.end_round(k, n)
+        round_ = RoundState(policy, t, max_new_tokens)
+        while round_.drafting:
+            y, token = trace.run_token(t, len(round_.candidates) + 1, mismatch[t])
+            round_.add(y, token, eos)
+        cand = round_.candidates
+        stats.draft_calls += len(cand)
+        n = next((i for i in range(len(cand)) if cand[i] != x[t + i]), len(cand))
+        new = round_.close(stats, n, x[t + n] if t + n < n_out else -1, eos)
         t += len(new)
         if new[-1] in eos:
             break
-    stats.new_tokens, stats.target_calls = t, len(stats.rounds)
-    stats.draft_calls = drafted
+    stats.new_tokens = t
     return stats

@@ -127,7 +127,7 @@ def test_a_policy_is_copied_per_row_and_its_head_shared(pair):
     assert [len(r.policy.stop_log) for r in rows] == [sum(x.drafted > 0 for x in r.stats.rounds) for r in rows]
     with pytest.raises(ValueError, match="2 policies for 4 prompts"):
         speculative_generate(target, draft, PROMPTS, [ConstantK(2), ConstantK(2)], GREEDY)
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(ValueError, match="prompt 1 of the batch is empty"):
         speculative_generate(target, draft, [[1, 2], []], ConstantK(2), GREEDY)
 
 

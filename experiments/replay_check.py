@@ -4,7 +4,7 @@ For each prompt: one trace (the target's greedy output, batched, and the draft's
 setting simulated on it, and every setting decoded by the engine; per setting, how many generations book exactly
 the engine's rounds (candidate length, accepted count, stop reason), and the time of both routes.
 
-    python scripts/replay_check.py --prompts 6 --new-tokens 64 --out docs/replay-check.md
+    python experiments/replay_check.py --prompts 6 --new-tokens 64 --out docs/replay-check.md
 """
 
 from __future__ import annotations

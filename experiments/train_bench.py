@@ -2,7 +2,7 @@
 (default: the demo's) is read as token batches and the head is the paper's (hidden state only, D = 3): the mode in
 which every step runs the draft (a statistics head on stored features never does).
 
-    python scripts/bench_train.py --steps 8 --out docs/train-bench.md
+    python experiments/train_bench.py --steps 8 --out docs/train-bench.md
 """
 
 from __future__ import annotations

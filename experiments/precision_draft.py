@@ -4,7 +4,7 @@ Mean acceptance E_{Y~q}[min(1, p/q)] = sum_v min(p_v, q_v) at temperature 1 (exa
 agreement along target-sampled Alpaca responses (teacher-forced passes of both models), and the time of one
 greedy decoding step of the draft relative to the target's (interleaved repeats, median of per-repeat ratios).
 
-    python scripts/measure_precision_draft.py --prompts 24 --out docs/precision-draft.md
+    python experiments/precision_draft.py --prompts 24 --out docs/precision-draft.md
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where one preparation batch's time goes on the bf16 pair, and what fp32 products (lowp.py) change.
 
-    python scripts/measure_lowp.py --prompts 16 --repeats 3 --out docs/lowp.md
+    python experiments/lowp.py --prompts 16 --repeats 3 --out docs/lowp.md
 
 Stages of one batch (Alpaca train prompts, greedy, up to 128 target tokens): the target's batched sampling, its
 teacher-forced pass, and the bf16 draft's teacher-forced pass with native bf16 products and with fp32 products of

@@ -6,7 +6,7 @@ Two ratios, greedy decoding:
 Runs are interleaved prompt by prompt (after a warm-up) so machine noise hits both sides alike; outputs are
 checked token for token. Prints a markdown table and writes it to --out.
 
-    python scripts/bench_engine.py --k 3 --new-tokens 64 --repeats 2 --out docs/engine-bench.md
+    python experiments/engine_bench.py --k 3 --new-tokens 64 --repeats 2 --out docs/engine-bench.md
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Reads two benchmark run directories of the same sweep (summary.json, records.jso
 settings with 95% bootstrap intervals over prompts, and the paired difference of each against the best constant K
 chosen the same way (interval over prompts of speedup(policy) - speedup(constant K), same prompts resampled).
 
-    python scripts/dev_test_table.py --dev runs/replay-dev --test runs/replay --out docs/replay-results.md
+    python experiments/dev_test_table.py --dev runs/replay-dev --test runs/replay --out docs/replay-results.md
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Runs configs/bench/replay.yaml (50 Alpaca dev prompts, then the 300 test prompts) keeping only the constant K,
 margin and oracle grids and one SpecDec++ grid per head given, then the dev/test table (settings chosen on dev):
 
-    python scripts/replay_head_stats.py     # -> runs/replay-v2-dev, runs/replay-v2, docs/replay-results-head-stats.md
-    python scripts/replay_head_stats.py --head runs/bf16-greedy/head-stats --head runs/bf16-greedy/head-stats-50k \
+    python experiments/replay_results_head_stats.py     # -> runs/replay-v2-dev, runs/replay-v2, docs/replay-results-head-stats.md
+    python experiments/replay_results_head_stats.py --head runs/bf16-greedy/head-stats --head runs/bf16-greedy/head-stats-50k \
         --tag 50k --draft-cost 0.518 --verify-cost 0.075   # costs fixed: the main replay table's measured ones
 
 With --draft-cost/--verify-cost/--round-cost the speeds are priced at those costs instead of costs timed in this
@@ -42,7 +42,7 @@ def main() -> None:
         cfg.policies[-1:-1] = [replace(template, params={**template.params, "head": h}) for h in heads]
         run_benchmark(cfg)
     doc = "docs/replay-results-head-stats" + ("" if args.tag == "v2" else f"-{args.tag}") + ".md"
-    subprocess.run([sys.executable, str(ROOT / "scripts/dev_test_table.py"), "--dev", out["dev"], "--test",
+    subprocess.run([sys.executable, str(ROOT / "experiments/dev_test_table.py"), "--dev", out["dev"], "--test",
                     out["test"], "--out", doc], check=True)
 
 

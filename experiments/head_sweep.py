@@ -1,6 +1,6 @@
 """Which statistics head on the prepared features: variants trained on the train split, compared on the dev split.
 
-    python scripts/head_sweep.py --config configs/train/bf16_greedy_50k.yaml --out docs/head-sweep-greedy.md
+    python experiments/head_sweep.py --config configs/train/bf16_greedy_50k.yaml --out docs/head-sweep-greedy.md
 
 Each variant is `train.py fit` on the config with a few overrides (features prepared once, so each takes a minute
 or two on a CPU); the table gives the dev split's weighted BCE at the last epoch and its best epoch, against the

@@ -1,6 +1,6 @@
 """Response generation for training data: batched (left padding) against one prompt at a time, same prompts.
 
-    python scripts/bench_prepare.py --prompts 16 --new-tokens 32 --out docs/prepare-bench.md
+    python experiments/prepare_bench.py --prompts 16 --new-tokens 32 --out docs/prepare-bench.md
 """
 
 from __future__ import annotations

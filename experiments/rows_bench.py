@@ -1,7 +1,7 @@
 """One forward of m new token rows after a 100-token cached context, the bf16 draft with its own kernels against
 fp32 products of the same values (lowp.fp32_linears, copies already made): where `lowp.FP32_FROM_ROWS` comes from.
 
-    python scripts/measure_rows.py --out docs/rows-bench.md
+    python experiments/rows_bench.py --out docs/rows-bench.md
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Paired differences between every two speculative settings of engine runs, and the three-term cost fit.
 
-    python scripts/runs_report.py runs/wallclock-confirm                      # one run
-    python scripts/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
+    python experiments/runs_report.py runs/wallclock-confirm                      # one run
+    python experiments/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
 
 Reads each run's records.jsonl (several runs are pooled: their prompts must differ); prints, per dataset, the
 speedup difference of each pair of settings with its 95% bootstrap interval over prompts (bench/summary.py's

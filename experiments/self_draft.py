@@ -7,7 +7,7 @@ final norm and LM head applied to the output of layer k). Writes a markdown tabl
 the parameter-count cost ratio (deterministic) since
 step times on a shared 2-core machine are noisy.
 
-    python scripts/measure_self_draft.py --prompts 24 --out docs/default-pair.md
+    python experiments/self_draft.py --prompts 24 --out docs/default-pair.md
 """
 
 from __future__ import annotations

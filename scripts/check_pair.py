@@ -28,7 +28,8 @@ def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
             flags = Path("/proc/cpuinfo").read_text()
-            return line.split(":", 1)[1].strip() + (" (AVX-512 bf16)" if "avx512_bf16" in flags else " (no AVX-512 bf16)")
+            bf16 = " (AVX-512 bf16)" if "avx512_bf16" in flags else " (no AVX-512 bf16)"
+            return line.split(":", 1)[1].strip() + bf16
     return platform.processor() or platform.machine()
 
 
@@ -42,14 +43,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    lines = [f"# Pair check: {args.target}", "", f"`python scripts/check_pair.py {args.target} --prompts {args.prompts} "
-             f"--new-tokens {args.new_tokens}` on {cpu_name()}, {torch.get_num_threads()} threads, fp32 models.", ""]
+    command = f"python scripts/check_pair.py {args.target} --prompts {args.prompts} --new-tokens {args.new_tokens}"
+    lines = [f"# Pair check: {args.target}", "",
+             f"`{command}` on {cpu_name()}, {torch.get_num_threads()} threads, fp32 models.", ""]
     t0 = time.perf_counter()
     pair = load_pair(args.target, args.draft)
-    lines.append(f"Loaded in {time.perf_counter() - t0:.0f} s: target {sum(p.numel() for p in pair.target.parameters()) / 1e9:.2f}B, "
-                 f"draft {sum(p.numel() for p in pair.draft.parameters()) / 1e9:.2f}B parameters.")
-    lines += ["", "| set | prompt | equal to `generate` | " + " | ".join(f"K = {k}: tokens / target call" for k in args.k)
-              + " |", "|---|---|---|" + "---|" * len(args.k)]
+    sizes = [sum(p.numel() for p in m.parameters()) / 1e9 for m in (pair.target, pair.draft)]
+    seconds = time.perf_counter() - t0
+    lines.append(f"Loaded in {seconds:.0f} s: target {sizes[0]:.2f}B, draft {sizes[1]:.2f}B parameters.")
+    k_columns = " | ".join(f"K = {k}: tokens / target call" for k in args.k)
+    lines += ["", f"| set | prompt | equal to `generate` | {k_columns} |", "|---|---|---|" + "---|" * len(args.k)]
     greedy, equal, total = SamplingConfig(temperature=0), 0, 0
     for dataset in ("alpaca", "humaneval", "gsm8k"):
         for pid, prompt in enumerate(load_prompts(dataset, "test", args.prompts)):

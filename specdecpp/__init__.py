@@ -13,6 +13,7 @@ from .policies import (
     Heuristic,
     LengthPolicy,
     Margin,
+    OnlineConfidence,
     Oracle,
     SpecDecPP,
     TargetOnly,
@@ -23,6 +24,6 @@ from .stats import GenerationStats
 
 __all__ = [
     "POLICY_NAMES", "SVIP", "AdaEDL", "AdaptiveConfidence", "Confidence", "ConstantK", "DraftToken", "Generation",
-    "GenerationStats", "Heuristic", "LengthPolicy", "Margin", "ModelPair", "Oracle", "SamplingConfig", "SpecDecPP",
-    "TargetOnly", "load_pair", "make_policy", "self_draft", "speculative_generate",
+    "GenerationStats", "Heuristic", "LengthPolicy", "Margin", "ModelPair", "OnlineConfidence", "Oracle",
+    "SamplingConfig", "SpecDecPP", "TargetOnly", "load_pair", "make_policy", "self_draft", "speculative_generate",
 ]

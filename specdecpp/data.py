@@ -45,7 +45,7 @@ from . import atomic
 from .lowp import fp32_linears
 from .models import ModelPair, cache_dir, draft_ref, load_pair
 from .prompts import TEST_ONLY, load_prompts
-from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, sample
+from .sampling import SamplingConfig, acceptance_prob, draft_stats, expected_acceptance, probs, sample
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 2: shards hold prompts bucketed by length; 3: fp32 products for low-precision drafts (lowp.py)
@@ -80,6 +80,7 @@ class Record:
     hidden: torch.Tensor | None = None  # [L, H] the draft's final hidden state that proposed Y_i (features only)
     stats: torch.Tensor | None = None  # [L, 3] q(Y_i), entropy and top-2 margin of q_i, raw logits (features only)
     index: int | None = None  # the prompt's position in the prepared prompt list
+    p_exp: torch.Tensor | None = None  # [L] expected acceptance sum_y min(p, q) = 1 - TV(p_i, q_i) (shards from 2026-12)
 
 
 def cache_key(names: dict, prompts: list[str], cfg: PrepareConfig) -> str:
@@ -160,7 +161,7 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
         y = q.argmax(-1) if cfg.greedy else sample(q, generator)
         p_y, q_y = p.gather(-1, y[:, None])[:, 0], q.gather(-1, y[:, None])[:, 0]
         rec = Record(torch.tensor(p_ids), torch.tensor(x), y.cpu(), acceptance_prob(p_y, q_y).cpu(), p_y.log().cpu(),
-                     q_y.log().cpu())
+                     q_y.log().cpu(), p_exp=expected_acceptance(p, q).cpu())
         if features:
             rec.hidden = hidden[row, at].cpu()
             rec.stats = torch.stack(draft_stats(logits_q[row, at], y), -1).cpu()
@@ -169,12 +170,13 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
 
 
 FIELDS, FEATURES = ("prompt", "target", "draft", "p_acc", "log_p", "log_q"), ("hidden", "stats")
+OPTIONAL = ("p_exp",)  # absent from shards prepared before it existed
 
 
 def _save_shard(path: Path, records: list[Record], index: list[int], skipped: int) -> None:
     def flat(name):
         return torch.cat([getattr(r, name) for r in records]) if records else torch.zeros(0)
-    names = FIELDS + (FEATURES if records and records[0].hidden is not None else ())
+    names = FIELDS + (FEATURES if records and records[0].hidden is not None else ()) + OPTIONAL
     tensors = {name: flat(name).contiguous() for name in names}
     tensors["prompt_len"] = torch.tensor([len(r.prompt) for r in records], dtype=torch.long)
     tensors["target_len"] = torch.tensor([len(r.target) for r in records], dtype=torch.long)
@@ -212,7 +214,8 @@ def _load_shard(path: Path) -> tuple[list[Record], int] | None:
     for i in range(len(t["index"])):
         p, x = slice(cuts["prompt"][i], cuts["prompt"][i + 1]), slice(cuts["target"][i], cuts["target"][i + 1])
         records.append(Record(t["prompt"][p], *(t[k][x] for k in FIELDS[1:]),
-                              *(t[k][x] if k in t else None for k in FEATURES), index=int(t["index"][i])))
+                              *(t[k][x] if k in t else None for k in FEATURES), index=int(t["index"][i]),
+                              p_exp=t["p_exp"][x] if "p_exp" in t else None))
     return records, skipped
 
 
@@ -338,18 +341,34 @@ class EpochSampler(DistributedSampler):
         return iter([(i, self.epoch) for i in super().__iter__()])
 
 
+LABELS = ("sampled", "expected")
+
+
+def record_labels(rec: Record, label: str) -> torch.Tensor:
+    """The head's training target at each position: "sampled", min(1, p(Y_i)/q(Y_i)) at the draft's sample (the
+    paper's), or "expected", 1 - TV(p_i, q_i) (that label averaged over Y_i ~ q: less noise, DSpark's choice)."""
+    if label == "sampled":
+        return rec.p_acc
+    if rec.p_exp is None:
+        raise ValueError("these records hold no expected-acceptance labels (prepared before they existed): delete "
+                         "the prepared directory to prepare it again, or use data.label: sampled")
+    return rec.p_exp
+
+
 class MixedDataset(Dataset):
     """Prompt + Z with Z_i = X_i (target token) with probability r, else Y_i (draft token).
 
     Items: input_ids = prompt ++ Z; labels = p_acc at Z's positions; loss_mask = True exactly where Z_i = Y_i.
     """
 
-    def __init__(self, records: list[Record], mixing_ratio: float = 0.15, seed: int = 0, redraw: bool = True):
+    def __init__(self, records: list[Record], mixing_ratio: float = 0.15, seed: int = 0, redraw: bool = True,
+                 label: str = "sampled"):
         if not records:
             raise ValueError("the prepared dataset is empty: no prompts survived preparation")
         if not 0.0 <= mixing_ratio < 1.0:
             raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
-        self.records, self.r, self.seed, self.redraw = records, mixing_ratio, seed, redraw
+        record_labels(records[0], label)
+        self.records, self.r, self.seed, self.redraw, self.label = records, mixing_ratio, seed, redraw, label
 
     def __len__(self) -> int:
         return len(self.records)
@@ -364,7 +383,7 @@ class MixedDataset(Dataset):
         n_prompt = len(rec.prompt)
         return {
             "input_ids": torch.cat([rec.prompt, z]),
-            "labels": torch.cat([torch.zeros(n_prompt), rec.p_acc]),
+            "labels": torch.cat([torch.zeros(n_prompt), record_labels(rec, self.label)]),
             "loss_mask": torch.cat([torch.zeros(n_prompt, dtype=torch.bool), ~use_target]),
         }
 
@@ -373,19 +392,20 @@ class FeatureDataset(Dataset):
     """Per record, what a statistics head reads at each Y_i (prepared with `features`): hidden [L, H], stats [L, 3],
     labels p_acc [L], loss_mask all True. No mixing: every prefix is the target's (module docstring)."""
 
-    def __init__(self, records: list[Record]):
+    def __init__(self, records: list[Record], label: str = "sampled"):
         if not records:
             raise ValueError("the prepared dataset is empty: no prompts survived preparation")
         if records[0].hidden is None:
             raise ValueError("these records hold no draft features: prepare them with features: true")
-        self.records = records
+        record_labels(records[0], label)
+        self.records, self.label = records, label
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         rec = self.records[key[0] if isinstance(key, tuple) else key]
-        return {"hidden": rec.hidden, "stats": rec.stats, "labels": rec.p_acc,
+        return {"hidden": rec.hidden, "stats": rec.stats, "labels": record_labels(rec, self.label),
                 "loss_mask": torch.ones(len(rec.p_acc), dtype=torch.bool)}
 
 
@@ -415,6 +435,8 @@ class AcceptanceDataModule(L.LightningDataModule):
         prepare: run preparation in `prepare_data` if the cache is missing; False makes a missing cache an error.
         features: keep the draft's features at preparation and serve them instead of token sequences: a statistics
             head (model.head_stats) then trains without the draft (no mixing; see the module docstring).
+        label: the head's target, "sampled" (min(1, p/q) at the draft's sample, the paper's) or "expected"
+            (1 - TV(p, q), the same averaged over the draft's sample).
     """
 
     def __init__(self, target: str = "default", draft: str | int | None = None, dataset: str = "alpaca",
@@ -422,12 +444,15 @@ class AcceptanceDataModule(L.LightningDataModule):
                  val_prompts: int = 64, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, max_prompt_tokens: int = 512, prepare_batch_size: int = 16, seed: int = 0,
                  batch_size: int = 8, mixing_ratio: float = 0.15, num_workers: int = 0, prepare: bool = True,
-                 cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", features: bool = False):
+                 cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu", features: bool = False,
+                 label: str = "sampled"):
         super().__init__()
         self.save_hyperparameters()
         self.hparams.draft = draft_ref(draft)  # "3" from a command line (LightningCLI passes text): a self-draft depth
         if not 0.0 <= mixing_ratio < 1.0:
             raise ValueError(f"mixing_ratio must be in [0, 1), got {mixing_ratio}")
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         self.prep = PrepareConfig(max_new_tokens, prepare_batch_size, seed, temperature, top_k, top_p,
                                   max_prompt_tokens, features)
         self.pad_id = 0
@@ -502,9 +527,9 @@ class AcceptanceDataModule(L.LightningDataModule):
         self.pad_id = pad_token_id(tok)
         for split, d in self.dirs().items():
             records, _ = load_prepared(d)
-            self.datasets[split] = (FeatureDataset(records) if self.hparams.features else
+            self.datasets[split] = (FeatureDataset(records, self.hparams.label) if self.hparams.features else
                                     MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed,
-                                                 redraw=split == "train"))
+                                                 redraw=split == "train", label=self.hparams.label))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         rank, world = self._world()

@@ -25,9 +25,9 @@ from transformers import DynamicCache
 
 from .lowp import has_slow_linears, rows_products
 from .policies import DraftToken, LengthPolicy
+from .rounds import RoundState
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, residual, sample
 from .sampling import n_accepted as n_accepted_prefix
-from .rounds import RoundState
 from .stats import GenerationStats
 
 FILLER = 0  # the token id fed in masked slots: never attended to, its logits never read

@@ -312,6 +312,61 @@ class AdaEDL(TokenRule):
         return {"lam": self.lam0, "gamma": self.gamma, **super().params}
 
 
+class OnlineCalibration:
+    """Platt scaling P^ = sigmoid(a z + b) of an acceptance logit z, fitted online by one SGD step on the log loss per
+    observed outcome (vLLM's adaptive-verification estimator calibrates logit(max q) this way from the run's own
+    accepts and rejects). A round that drafted m tokens and had n accepted labels Y_1..Y_n 1 and Y_{n+1} 0 (when
+    n < m); the tokens after the first rejection were never judged and teach nothing."""
+
+    def __init__(self, lr: float = 0.05):
+        if not lr > 0:
+            raise ValueError(f"the online calibration's learning rate must be > 0, got {lr}")
+        self.lr, self.a, self.b = lr, 1.0, 0.0
+
+    def prob(self, z: float) -> float:
+        return 1.0 / (1.0 + math.exp(-(self.a * z + self.b)))
+
+    def update(self, logits: list[float], accepted: int) -> None:
+        """`logits` of Y_1..Y_m in drafting order; the first `accepted` of them were accepted."""
+        labels = [1.0] * min(accepted, len(logits)) + ([0.0] if accepted < len(logits) else [])
+        for z, y in zip(logits, labels):
+            g = self.prob(z) - y  # d(log loss)/d(a z + b)
+            self.a -= self.lr * g * z
+            self.b -= self.lr * g
+
+
+class OnlineConfidence(TokenRule):
+    """Stop once the predicted P(>= 1 rejection) = 1 - prod_j P^_j exceeds h, where P^_j calibrates the draft's
+    logit of its own token, logit q(Y_j), online from this policy's observed outcomes (OnlineCalibration). It keeps
+    its calibration across generations of one policy object; the benchmark builds one per prompt."""
+
+    name = "online_confidence"
+
+    def __init__(self, threshold: float = 0.5, lr: float = 0.05, k_min: int = 1, k_max: int = 20):
+        super().__init__(k_min, k_max)
+        self.threshold = _check_threshold(threshold)
+        self.calibration = OnlineCalibration(lr)
+        self.logits: list[float] = []
+        self.p_all_accepted = 1.0
+
+    def begin_round(self) -> int:
+        self.logits, self.p_all_accepted = [], 1.0
+        return self.k_max
+
+    def keep_drafting(self, i: int, token: DraftToken) -> bool:
+        q = min(max(token.prob, 1e-6), 1 - 1e-6)
+        self.logits.append(math.log(q / (1 - q)))
+        self.p_all_accepted *= self.calibration.prob(self.logits[-1])
+        return i < self.k_min or 1.0 - self.p_all_accepted <= self.threshold
+
+    def end_round(self, drafted: int, accepted: int) -> None:
+        self.calibration.update(self.logits, accepted)
+
+    @property
+    def params(self) -> dict:
+        return {"threshold": self.threshold, "lr": self.calibration.lr, **super().params}
+
+
 class SpecDecPP(TokenRule):
     """SpecDec++: stop once the predicted P(at least one rejection) = 1 - prod_j P^_j exceeds h.
 
@@ -324,9 +379,14 @@ class SpecDecPP(TokenRule):
     name = "specdecpp"
     needs_hidden = True
 
-    def __init__(self, head: Callable[..., torch.Tensor], threshold: float = 0.7, k_min: int = 2, k_max: int = 20):
+    def __init__(self, head: Callable[..., torch.Tensor], threshold: float = 0.7, k_min: int = 2, k_max: int = 20,
+                 online_lr: float = 0.0):
         super().__init__(k_min, k_max)
         self.head = head
+        # online_lr > 0: the head's logit is recalibrated online from the observed outcomes (a trained head that keeps
+        # itself calibrated when the prompts shift away from its training data)
+        self.online = OnlineCalibration(online_lr) if online_lr else None
+        self.logits: list[float] = []
         self.threshold = _check_threshold(threshold)
         self.needs_stats = getattr(head, "n_stats", 0) > 0
         self.p_all_accepted = 1.0
@@ -345,12 +405,14 @@ class SpecDecPP(TokenRule):
 
     def begin_round(self) -> int:
         self.p_all_accepted = 1.0
-        self.predictions = []
+        self.predictions, self.logits = [], []
         return self.k_max
 
     def end_round(self, drafted: int, accepted: int) -> None:
         if self.predictions:  # the predictions cover Y_1..Y_n
             self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < len(self.predictions)), drafted))
+        if self.online is not None:  # logits[j] scores Y_{j+1}, lagged head or not
+            self.online.update(self.logits, accepted)
 
     @torch.no_grad()
     def predict(self, token: DraftToken) -> float:
@@ -362,7 +424,10 @@ class SpecDecPP(TokenRule):
             logit = self.head(hidden, stats.to(hidden.device))
         else:
             logit = self.head(hidden)
-        return float(torch.sigmoid(logit.float()).reshape(()))
+        if self.online is None:
+            return float(torch.sigmoid(logit.float()).reshape(()))
+        self.logits.append(float(logit.float().reshape(())))
+        return self.online.prob(self.logits[-1])
 
     def keep_drafting(self, i: int, token: DraftToken) -> bool:
         if self.needs_stats or i >= 2:  # a lagged head at i = 1 would score an already verified token
@@ -373,7 +438,8 @@ class SpecDecPP(TokenRule):
 
     @property
     def params(self) -> dict:
-        return {"threshold": self.threshold, **super().params}
+        online = {"online_lr": self.online.lr} if self.online is not None else {}
+        return {"threshold": self.threshold, **online, **super().params}
 
 
 class Oracle(LengthPolicy):
@@ -409,11 +475,11 @@ def make_policy(name: str, head: Callable | None = None, **params) -> LengthPoli
             raise ValueError("policy 'specdecpp' needs a head (a trained AcceptanceHead or any callable)")
         return SpecDecPP(head, **params)
     classes = {c.name: c for c in (TargetOnly, ConstantK, Heuristic, Confidence, AdaptiveConfidence, SVIP, AdaEDL,
-                                   Margin, Oracle)}
+                                   Margin, OnlineConfidence, Oracle)}
     if name not in classes:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted([*classes, 'specdecpp'])}")
     return classes[name](**params)
 
 
 POLICY_NAMES = ("target", "constant", "heuristic", "confidence", "adaptive_confidence", "svip", "adaedl", "margin",
-                "specdecpp", "oracle")
+                "online_confidence", "specdecpp", "oracle")

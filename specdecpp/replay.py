@@ -34,8 +34,8 @@ from transformers import DynamicCache
 from .data import sample_responses
 from .head import draft_fingerprint
 from .policies import DraftToken, LengthPolicy
-from .sampling import SamplingConfig, draft_stats
 from .rounds import RoundState
+from .sampling import SamplingConfig, draft_stats
 from .stats import GenerationStats
 
 GREEDY = SamplingConfig(temperature=0)
@@ -185,7 +185,8 @@ def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
 
     def put(name: str, tokens: list[DraftToken]) -> None:
         if tokens:
-            tensors[f"{name}.stats"] = torch.tensor([[t.prob, t.entropy, t.margin] for t in tokens], dtype=torch.float64)
+            stats = [[t.prob, t.entropy, t.margin] for t in tokens]
+            tensors[f"{name}.stats"] = torch.tensor(stats, dtype=torch.float64)
             tensors[f"{name}.hidden"] = torch.stack([t.hidden for t in tokens]).contiguous()
 
     put("trace", trace.tokens)

@@ -105,3 +105,9 @@ def draft_stats(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     entropy = -(q * logp).nan_to_num().sum(-1)
     top2 = q.topk(2, dim=-1).values
     return prob, entropy, top2[..., 0] - top2[..., 1]
+
+
+def expected_acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [...] the probability that a token drawn from q is accepted, E_{Y~q} min(1, p(Y)/q(Y)) =
+    sum_y min(p(y), q(y)) = 1 - TV(p, q): the label min(1, p/q) averaged over the draft's sample (DSpark's target)."""
+    return torch.minimum(p, q).sum(-1)

@@ -23,6 +23,7 @@ from specdecpp.policies import (
     ConstantK,
     Heuristic,
     Margin,
+    OnlineConfidence,
     Oracle,
     SpecDecPP,
     TargetOnly,
@@ -75,7 +76,8 @@ def all_policies(hidden: int = 32):
     return [TargetOnly(), ConstantK(1), ConstantK(4), Heuristic(k=3), Confidence(0.5, k_max=6),
             AdaptiveConfidence(0.4, k_max=6), SVIP(k_max=6), AdaEDL(lam=0.5, k_max=6), Margin(0.3, k_max=6),
             SpecDecPP(head, threshold=0.5, k_min=1, k_max=6), SpecDecPP(head, threshold=0.9, k_min=2, k_max=10),
-            SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6), Oracle(lookahead=6)]
+            SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6), OnlineConfidence(0.5, lr=0.5, k_max=6),
+            SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6, online_lr=0.5), Oracle(lookahead=6)]
 
 
 def target_greedy(target, prompt, n):

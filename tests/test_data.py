@@ -63,7 +63,31 @@ def test_labels_match_an_independent_computation(pair, tmp_path):
             assert q[y] > 0  # Y_i was drawn from q
             assert rec.p_acc[i] == pytest.approx(min(1.0, float(p[y] / q[y])), abs=1e-5)
             assert rec.log_q[i] == pytest.approx(float(q[y].log()), abs=1e-4)
+            # the soft label: min(1, p/q) averaged over every token the draft could have sampled, weighted by q
+            expected = sum(float(q[v]) * min(1.0, float(p[v] / q[v])) for v in range(len(q)) if q[v] > 0)
+            assert rec.p_exp[i] == pytest.approx(expected, abs=1e-5)
+            assert rec.p_exp[i] == pytest.approx(1 - 0.5 * float((p - q).abs().sum()), abs=1e-5)  # 1 - TV
     assert sum(len(r.target) for r in records) > 40
+
+
+def test_records_carry_their_prompt_index_and_come_back_in_prompt_order(pair, tmp_path):
+    out = prepare(pair, PROMPTS, CFG, tmp_path)
+    bucketed, _ = load_prepared(out)
+    assert [r.index for r in bucketed] != list(range(len(PROMPTS)))  # length buckets reorder them
+    ordered, _ = load_prepared(out, prompt_order=True)
+    assert [r.index for r in ordered] == list(range(len(PROMPTS)))
+    assert all(r.prompt.tolist() == pair.encode(PROMPTS[r.index]) for r in ordered)
+
+
+def test_the_expected_acceptance_label_feeds_the_batches_when_asked(pair, tmp_path):
+    records, _ = load_prepared(prepare(pair, PROMPTS, CFG, tmp_path))
+    item = MixedDataset(records, 0.0, label="expected")[0]
+    assert torch.equal(item["labels"][len(records[0].prompt):], records[0].p_exp)
+    records[0].p_exp = None  # as in a shard prepared before the label existed
+    with pytest.raises(ValueError, match="no expected-acceptance labels"):
+        MixedDataset(records, 0.0, label="expected")
+    with pytest.raises(ValueError, match="label must be one of"):
+        AcceptanceDataModule(label="soft")
 
 
 def test_features_are_the_draft_state_and_statistics_that_proposed_each_draft_token(pair, tmp_path):

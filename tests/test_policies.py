@@ -152,3 +152,61 @@ def test_adaptive_confidence_books_labels_like_transformers_and_refits():
     assert pol.current == pytest.approx(0.6)  # keeps all 6 positives and excludes both negatives
     pol.reset()
     assert pol.current == 0.4 and pol.probs == []
+
+
+def test_online_calibration_steps_match_a_hand_computation():
+    from specdecpp.policies import OnlineCalibration
+
+    cal = OnlineCalibration(lr=0.5)
+    cal.update([0.0, 2.0, 5.0], accepted=1)  # Y_1 accepted, Y_2 rejected, Y_3 never judged
+    # Y_1: p = sigmoid(0) = 0.5, g = -0.5: a -= 0.5 * -0.5 * 0 (unchanged), b -= 0.5 * -0.5 -> 0.25
+    # Y_2: p = sigmoid(1 * 2 + 0.25) = 0.904651, g = 0.904651: a = 1 - 0.5 * g * 2, b = 0.25 - 0.5 * g
+    g = 1 / (1 + math.exp(-2.25))
+    assert cal.a == pytest.approx(1 - g) and cal.b == pytest.approx(0.25 - 0.5 * g)
+    before = (cal.a, cal.b)
+    cal.update([1.0, 1.0], accepted=2)  # all accepted: two positive steps, no negative one
+    p1 = 1 / (1 + math.exp(-(before[0] + before[1])))
+    a1, b1 = before[0] + 0.5 * (1 - p1), before[1] + 0.5 * (1 - p1)
+    p2 = 1 / (1 + math.exp(-(a1 + b1)))
+    assert (cal.a, cal.b) == (pytest.approx(a1 + 0.5 * (1 - p2)), pytest.approx(b1 + 0.5 * (1 - p2)))
+    with pytest.raises(ValueError, match="learning rate must be > 0"):
+        OnlineCalibration(lr=0)
+
+
+def test_online_confidence_learns_to_stop_earlier_after_rejections():
+    from specdecpp.policies import OnlineConfidence
+
+    policy = OnlineConfidence(threshold=0.5, lr=1.0, k_max=10)
+    token = DraftToken(prob=0.9, entropy=0.1, margin=0.8)  # logit 2.197: P^ = 0.9 before any outcome
+
+    def round_length():
+        policy.begin_round()
+        i = 1
+        while policy.keep_drafting(i, token) and i < 10:
+            i += 1
+        return i
+
+    first = round_length()
+    assert first == 7  # 1 - 0.9^i > 0.5 first at i = 7
+    for _ in range(5):  # every round rejected at its first token: the calibration learns this token fails
+        policy.end_round(round_length(), 0)
+    assert round_length() < first and policy.params == {"threshold": 0.5, "lr": 1.0, "k_min": 1, "k_max": 10}
+
+
+def test_specdecpp_online_recalibrates_its_heads_logit():
+    head = lambda hidden, stats=None: torch.tensor(3.0)  # noqa: E731 - a head sure of every token
+    head.n_stats = 3
+    fixed, online = SpecDecPP(head, 0.5, 1, 10), SpecDecPP(head, 0.5, 1, 10, online_lr=1.0)
+    token = DraftToken(prob=0.9, entropy=0.1, margin=0.8, hidden=torch.zeros(4))
+    lengths = {}
+    for name, policy in (("fixed", fixed), ("online", online)):
+        for _ in range(6):
+            policy.begin_round()
+            i = 1
+            while policy.keep_drafting(i, token) and i < 10:
+                i += 1
+            policy.end_round(i, 0)  # the head is wrong every time
+            lengths.setdefault(name, []).append(i)
+    assert lengths["fixed"] == [lengths["fixed"][0]] * 6  # a fixed head never learns
+    assert lengths["online"][-1] < lengths["online"][0]
+    assert online.params["online_lr"] == 1.0 and "online_lr" not in fixed.params

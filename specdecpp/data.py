@@ -319,6 +319,22 @@ def load_prepared(out_dir: Path, prompt_order: bool = False) -> tuple[list[Recor
     return records, skipped
 
 
+BLOCK_PROMPTS = 256  # prompts per prepared directory of a split: adding prompts prepares only the new blocks
+
+
+def load_blocks(dirs: list[Path]) -> tuple[list[Record], int]:
+    """The records of a split prepared in blocks (AcceptanceDataModule.dirs), in prompt order; each record's `index`
+    is its prompt's position in the whole split."""
+    records, skipped = [], 0
+    for i, d in enumerate(dirs):
+        block, n = load_prepared(d, prompt_order=True)
+        for rec in block:
+            rec.index += i * BLOCK_PROMPTS
+        records += block
+        skipped += n
+    return records, skipped
+
+
 def summarize(records: list[Record], skipped: int = 0) -> dict:
     p_acc = torch.cat([r.p_acc for r in records]) if records else torch.zeros(0)
     return {"prompts": len(records), "skipped_too_long": skipped, "positions": p_acc.numel(),
@@ -475,14 +491,19 @@ class AcceptanceDataModule(L.LightningDataModule):
         n_val = min(h.val_prompts, len(bodies) // 2)
         return {"train": bodies[:-n_val], "val": bodies[-n_val:]}
 
-    def dirs(self) -> dict[str, Path]:
-        """Each split's prepared directory; without `features`, one prepared with them serves as well (a superset)."""
+    def dirs(self) -> dict[str, list[Path]]:
+        """Each split's prepared directories, one per block of BLOCK_PROMPTS prompts in list order: a longer prompt
+        list reuses every whole block it shares with a shorter one. Without `features`, a block prepared with them
+        serves as well (a superset)."""
         out = {}
         for split, prompts in self.split_prompts().items():
-            out[split] = prepared_dir(self.names, prompts, self.prep, self.hparams.cache_dir)
-            richer = prepared_dir(self.names, prompts, replace(self.prep, features=True), self.hparams.cache_dir)
-            if not (out[split] / "complete").is_file() and (richer / "complete").is_file():
-                out[split] = richer
+            out[split] = []
+            for lo in range(0, len(prompts), BLOCK_PROMPTS):
+                block = prompts[lo: lo + BLOCK_PROMPTS]
+                plain = prepared_dir(self.names, block, self.prep, self.hparams.cache_dir)
+                richer = prepared_dir(self.names, block, replace(self.prep, features=True), self.hparams.cache_dir)
+                use_richer = not (plain / "complete").is_file() and (richer / "complete").is_file()
+                out[split].append(richer if use_richer else plain)
         return out
 
     def _world(self) -> tuple[int, int]:
@@ -496,25 +517,29 @@ class AcceptanceDataModule(L.LightningDataModule):
 
     def _prepare(self, rank: int, world: int) -> None:
         dirs, prompts = self.dirs(), self.split_prompts()
-        todo = [s for s, d in dirs.items() if not verified(d)]
+        todo = {s: [i for i, d in enumerate(ds) if not verified(d)] for s, ds in dirs.items()}
+        todo = {s: blocks for s, blocks in todo.items() if blocks}
         if not todo:
             return
         if not self.hparams.prepare:
-            raise FileNotFoundError(f"no prepared data at {dirs[todo[0]]} and data.prepare is false: "
+            first = next(iter(todo))
+            raise FileNotFoundError(f"no prepared data at {dirs[first][todo[first][0]]} and data.prepare is false: "
                                     "set data.prepare: true (or prepare it with the same settings first)")
         h = self.hparams
         pair = load_pair(h.target, h.draft, h.dtype, h.device)
-        for split in todo:
+        for split, blocks in todo.items():
             start = time.perf_counter()
-            prepare(pair, prompts[split], self.prep, dirs[split], desc=f"prepare {split}", rank=rank, world=world)
-            if world > 1:  # every rank's shards written: rank 0 checks them all and marks the split complete
-                self.trainer.strategy.barrier(f"prepare-{split}")
-                if rank == 0:
-                    mark_complete(dirs[split], math.ceil(len(prompts[split]) / self.prep.batch_size))
-                self.trainer.strategy.barrier(f"prepared-{split}")
+            for i in blocks:
+                block, out = prompts[split][i * BLOCK_PROMPTS: (i + 1) * BLOCK_PROMPTS], dirs[split][i]
+                prepare(pair, block, self.prep, out, desc=f"prepare {split}", rank=rank, world=world)
+                if world > 1:  # every rank's shards written: rank 0 checks them all and marks the block complete
+                    self.trainer.strategy.barrier(f"prepare-{split}-{i}")
+                    if rank == 0:
+                        mark_complete(out, math.ceil(len(block) / self.prep.batch_size))
+                    self.trainer.strategy.barrier(f"prepared-{split}-{i}")
             if rank == 0:
-                summary = summarize(*load_prepared(dirs[split]))
-                seconds = time.perf_counter() - start  # this run's share: shards found complete cost nothing
+                summary = summarize(*load_blocks(dirs[split]))
+                seconds = time.perf_counter() - start  # this run's share: blocks found complete cost nothing
                 print(f"[{split}] {summary}; {seconds:.0f} s, {summary['positions'] / seconds:.1f} positions/s")
 
     def setup(self, stage: str | None = None) -> None:
@@ -525,8 +550,8 @@ class AcceptanceDataModule(L.LightningDataModule):
             self._prepare(rank, world)
         tok = load_tokenizer(self.hparams.target)
         self.pad_id = pad_token_id(tok)
-        for split, d in self.dirs().items():
-            records, _ = load_prepared(d)
+        for split, ds in self.dirs().items():
+            records, _ = load_blocks(ds)
             self.datasets[split] = (FeatureDataset(records, self.hparams.label) if self.hparams.features else
                                     MixedDataset(records, self.hparams.mixing_ratio, self.hparams.seed,
                                                  redraw=split == "train", label=self.hparams.label))

@@ -333,3 +333,40 @@ def test_unknown_names_and_unreachable_hub_ids_say_what_was_tried(name, match, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match=match):
         load_prompts(name)
+
+
+def test_adding_prompts_prepares_only_the_new_blocks(tmp_path, monkeypatch):
+    tok = word_tokenizer(WORDS)
+    target = tiny_llama(0, vocab=len(tok), sharpness=3.0, eos=0)
+    for name, model in {"t": target, "d": noisy_draft(target, 0.5)}.items():
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    monkeypatch.setattr(data, "BLOCK_PROMPTS", 4)
+    calls = {"n": 0}
+    real = data.label_responses
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "label_responses", counting)
+    kwargs = dict(target=str(tmp_path / "t"), draft=str(tmp_path / "d"), dataset=str(prompts), val_prompts=2,
+                  max_new_tokens=5, prepare_batch_size=2, cache_dir=str(tmp_path / "c"))
+    small = AcceptanceDataModule(**kwargs, train_prompts=4)  # train: prompts 0-3, one block of 2 shards; val 4-5
+    small.prepare_data()
+    assert calls["n"] == 3
+    calls["n"] = 0
+    large = AcceptanceDataModule(**kwargs, train_prompts=6)  # train: 0-5 in blocks 0-3 and 4-5; val: 6-7
+    large.prepare_data()
+    # blocks are keyed by their prompts: 0-3 was the small run's train block, 4-5 its val block; only 6-7 is new
+    assert calls["n"] == 1 and large.dirs()["train"] == [small.dirs()["train"][0], small.dirs()["val"][0]]
+    large.setup("fit")
+    records = large.datasets["train"].records
+    assert [r.index for r in records] == list(range(6))
+    assert [r.prompt.tolist() for r in records] == [pair_encode(tok, p) for p in PROMPTS[:6]]
+
+
+def pair_encode(tok, prompt):
+    return ModelPair(None, None, tok).encode(prompt)

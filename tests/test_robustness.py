@@ -84,7 +84,7 @@ def test_a_truncated_or_deleted_shard_of_a_completed_preparation_is_rebuilt(tmp_
                   val_prompts=2, max_new_tokens=5, prepare_batch_size=2, cache_dir=str(tmp_path / "c"))
     dm = AcceptanceDataModule(**kwargs)
     dm.prepare_data()
-    train_dir = dm.dirs()["train"]
+    (train_dir,) = dm.dirs()["train"]
     reference, _ = load_prepared(train_dir)
     shard = train_dir / "shard_00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, its sidecar and the `complete` marker still there

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _report import report
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdecpp import ConstantK, SamplingConfig, TargetOnly, speculative_generate
+from specdecpp.atomic import write_text
 from specdecpp.data import EpochSampler, MixedDataset, Record, collate
 from specdecpp.module import AcceptanceHeadModule
 
@@ -150,7 +150,10 @@ def main() -> None:
              f"{torch.__version__}); random-init weights of real shapes.", "", "| check | result | detail |",
              "|---|---|---|", check_training(draft_shape, device, steps, args.out),
              *check_engine(target_shape, draft_shape, device, prompts, new_tokens, k=4)]
-    report("\n".join(lines) + "\n", args.out / "gpu_check.md")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "gpu_check.md", text)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class Record:
     hidden: torch.Tensor | None = None  # [L, H] the draft's final hidden state that proposed Y_i (features only)
     stats: torch.Tensor | None = None  # [L, 3] q(Y_i), entropy and top-2 margin of q_i, raw logits (features only)
     index: int | None = None  # the prompt's position in the prepared prompt list
-    p_exp: torch.Tensor | None = None  # [L] expected acceptance sum_y min(p, q) = 1 - TV(p_i, q_i) (shards from 2026-12)
+    p_exp: torch.Tensor | None = None  # [L] expected acceptance sum_y min(p, q) = 1 - TV(p_i, q_i) (newer shards)
 
 
 def cache_key(names: dict, prompts: list[str], cfg: PrepareConfig) -> str:

@@ -63,15 +63,17 @@ class _RowCache:
     def __call__(self, tokens: list[list[int]], keep: int = 1, hidden: bool = False):
         """Append each row's `tokens` (left-padded into one block) and run the model on them. The last `keep`
         columns' logits come back: a row's last token is always in the last column."""
-        width, w = self.valid.shape[1], max(map(len, tokens))
-        pad = [w - len(t) for t in tokens]
+        width = self.valid.shape[1]  # columns so far
+        new_cols = max(map(len, tokens))  # columns this call appends
+        pad = [new_cols - len(t) for t in tokens]
         ids = [[FILLER] * p + t for p, t in zip(pad, tokens)]
-        pos = [[0] * p + list(range(len(c), len(c) + w - p)) for p, c in zip(pad, self.cols)]
+        pos = [[0] * p + list(range(len(c), len(c) + new_cols - p)) for p, c in zip(pad, self.cols)]
         for p, c in zip(pad, self.cols):
-            c.extend(range(width + p, width + w))
+            c.extend(range(width + p, width + new_cols))
         dev = self.model.device
-        self.valid = torch.cat([self.valid, torch.tensor([[False] * p + [True] * (w - p) for p in pad], device=dev)], 1)
-        with rows_products(self.model, len(ids) * w, self.slow):
+        appended = torch.tensor([[False] * p + [True] * (new_cols - p) for p in pad], device=dev)
+        self.valid = torch.cat([self.valid, appended], 1)
+        with rows_products(self.model, len(ids) * new_cols, self.slow):
             out = self.model(input_ids=torch.tensor(ids, device=dev), position_ids=torch.tensor(pos, device=dev),
                              attention_mask=None if self.dense else self.valid, cache=self.cache, use_cache=True,
                              logits_to_keep=keep, output_hidden_states=hidden)
@@ -89,12 +91,14 @@ class _RowCache:
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (finished sequences leave the batch)."""
         self.cache.batch_select_indices(torch.tensor(rows, dtype=torch.long))
-        self.valid, self.cols = self.valid[rows], [self.cols[b] for b in rows]
+        self.valid = self.valid[rows]
+        self.cols = [self.cols[b] for b in rows]
         self._trim()
 
     def _trim(self) -> None:
         """Free the trailing columns no row uses any more: the rejected tokens of every row, at batch 1."""
-        end, width = max((c[-1] + 1 for c in self.cols if c), default=0), self.valid.shape[1]
+        end = max((c[-1] + 1 for c in self.cols if c), default=0)
+        width = self.valid.shape[1]
         if end < width:
             self.cache.crop(end - width)  # a negative count removes that many columns
             self.valid = self.valid[:, :end]
@@ -104,7 +108,9 @@ class _Row:
     """One sequence of the batch: its tokens, its policy and statistics, and its current round."""
 
     def __init__(self, prompt: list[int], policy: LengthPolicy):
-        self.seq, self.n_prompt, self.policy = prompt, len(prompt), policy
+        self.seq = prompt
+        self.n_prompt = len(prompt)
+        self.policy = policy
         self.stats = GenerationStats(prompt_tokens=len(prompt), hindsight=policy.hindsight)
         self.round: RoundState | None = None
         self.done = False
@@ -161,7 +167,8 @@ def _draft(draft_cache: _RowCache | None, rows: list[_Row], max_new_tokens: int,
     if draft_cache is None and any(r.round.drafting for r in rows):
         first = next(r.policy for r in rows if r.round.drafting)
         raise ValueError(f"policy {first!r} drafts tokens but no draft model was given")
-    steps, dists = [], []
+    steps: list[torch.Tensor] = []  # per step: [B] drafted tokens
+    dists: list[torch.Tensor] = []  # per step: [B, V] q
     while any(r.round.drafting for r in rows):
         live = [b for b, r in enumerate(rows) if r.round.drafting]
         with _timed(rows, "draft_s", prefill=draft_cache.calls == 0):
@@ -198,7 +205,9 @@ def _verify(target_cache: _RowCache, rows: list[_Row], drafts: Drafts, device: t
             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[list[int], list[int]]:
     """One target forward over every row's unfed tokens and candidates; returns each row's accepted count n_b and
     its round's last token (the residual draw after a rejection, else the bonus from p_{K_b+1})."""
-    lengths, longest, batch = drafts.lengths, drafts.tokens.shape[1], len(rows)
+    lengths = drafts.lengths
+    longest = drafts.tokens.shape[1]
+    batch = len(rows)
     logits = target_cache([r.pending(target_cache, b) for b, r in enumerate(rows)], keep=longest + 1).logits
     # [B, K+1, V]: row b's p_1..p_{K_b+1} are its last K_b+1 columns, from column K - K_b on. On the draft's device:
     # a target spread over devices ends on its last one.
@@ -268,7 +277,8 @@ def speculative_generate(
     draft_cache = _RowCache(draft, len(rows)) if draft is not None else None
     caches = [c for c in (target_cache, draft_cache) if c is not None]
     device = (draft if draft is not None else target).device
-    active, start = list(rows), time.perf_counter()  # the caches hold exactly the active rows, in this order
+    active = list(rows)  # the caches hold exactly the active rows, in this order
+    start = time.perf_counter()
 
     while active:
         # 1. draft: every row drafts until its policy, its round maximum or EOS stops it
@@ -297,7 +307,8 @@ def speculative_generate(
     batch_s = time.perf_counter() - start
     gens = []
     for r in rows:
-        r.stats.new_tokens, r.stats.batch_s = r.generated, batch_s
+        r.stats.new_tokens = r.generated
+        r.stats.batch_s = batch_s
         gens.append(Generation(tokens=r.seq[r.n_prompt:], stats=r.stats, policy=r.policy))
     return gens[0] if single else gens
 

@@ -337,8 +337,9 @@ class OnlineCalibration:
 
 class OnlineConfidence(TokenRule):
     """Stop once the predicted P(>= 1 rejection) = 1 - prod_j P^_j exceeds h, where P^_j calibrates the draft's
-    logit of its own token, logit q(Y_j), online from this policy's observed outcomes (OnlineCalibration). It keeps
-    its calibration across generations of one policy object; the benchmark builds one per prompt."""
+    logit of its own token, logit q(Y_j), online from this generation's observed outcomes (OnlineCalibration).
+    Each generation starts from the identity calibration (`reset`), so a policy decodes a prompt the same way
+    whatever ran before it (and the replay equals the engine)."""
 
     name = "online_confidence"
 
@@ -348,6 +349,9 @@ class OnlineConfidence(TokenRule):
         self.calibration = OnlineCalibration(lr)
         self.logits: list[float] = []
         self.p_all_accepted = 1.0
+
+    def reset(self) -> None:
+        self.calibration = OnlineCalibration(self.calibration.lr)
 
     def begin_round(self) -> int:
         self.logits, self.p_all_accepted = [], 1.0
@@ -397,6 +401,8 @@ class SpecDecPP(TokenRule):
 
     def reset(self) -> None:
         self.stop_log = []
+        if self.online is not None:  # each generation starts from the head's own calibration
+            self.online = OnlineCalibration(self.online.lr)
 
     def check_draft(self, draft: torch.nn.Module) -> None:
         check = getattr(self.head, "check_draft", None)  # a trained AcceptanceHead knows its draft; a callable not

@@ -134,13 +134,9 @@ class Drafts:
     """What one round drafted, for every row of the batch (K = the longest row's candidate length)."""
 
     tokens: torch.Tensor  # [B, K] Y_1..Y_K of each row (filler past a row's own length)
-    dists: torch.Tensor  # [B, K, V] q_1..q_K, the draft's (warped) distributions
+    q_tokens: torch.Tensor  # [B, K] q_j(Y_j), the draft's (warped) probability of each drafted token
+    dists: list[torch.Tensor]  # K x [B, V] q_1..q_K (kept for the residual at a rejection; not stacked)
     lengths: list[int]  # [B] K_b, each row's candidate length
-
-    @property
-    def q_tokens(self) -> torch.Tensor:
-        """[B, K] q_j(Y_j)."""
-        return self.dists.gather(-1, self.tokens[..., None])[..., 0]
 
 
 @contextmanager
@@ -197,8 +193,10 @@ def _draft(draft_cache: _RowCache | None, rows: list[_Row], max_new_tokens: int,
             with _timed([r], "head_s"):
                 r.round.add(live_tokens[j], token, eos)
     if not steps:  # no row drafted: an empty [B, 0] record
-        return Drafts(torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros(len(rows), 0, 1), [0] * len(rows))
-    return Drafts(torch.stack(steps, 1), torch.stack(dists, 1), [len(r.candidates) for r in rows])
+        return Drafts(torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros(len(rows), 0), [], [0] * len(rows))
+    tokens = torch.stack(steps, 1)
+    q_tokens = torch.stack([q.gather(-1, y[:, None])[:, 0] for q, y in zip(dists, steps)], 1)
+    return Drafts(tokens, q_tokens, dists, [len(r.candidates) for r in rows])
 
 
 def _verify(target_cache: _RowCache, rows: list[_Row], drafts: Drafts, device: torch.device,
@@ -222,7 +220,7 @@ def _verify(target_cache: _RowCache, rows: list[_Row], drafts: Drafts, device: t
         ok &= torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]  # own candidates
         n_accepted = n_accepted_prefix(ok).tolist()
     # q at the first rejected position (zero where every candidate was accepted: the bonus is drawn from p alone)
-    q_rejected = torch.stack([drafts.dists[b, n] if n < k else torch.zeros_like(p[b, 0])
+    q_rejected = torch.stack([drafts.dists[n][b] if n < k else torch.zeros_like(p[b, 0])
                               for b, (n, k) in enumerate(zip(n_accepted, lengths))])
     p_next = p[row_index, first + torch.tensor(n_accepted, device=device)]  # [B, V]
     next_tokens = _draw(residual(p_next, q_rejected), sampling, generator).tolist()

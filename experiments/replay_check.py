@@ -5,6 +5,8 @@ setting simulated on it, and every setting decoded by the engine; per setting, h
 the engine's rounds (candidate length, accepted count, stop reason), and the time of both routes.
 
     python experiments/replay_check.py --prompts 6 --new-tokens 64 --out docs/replay-check.md
+    python experiments/replay_check.py --target qwen2.5-coder-1.5b --prompts 3 --only constant margin \
+        online_confidence specdecpp oracle --heads runs/qwen-t1/head-stats --out docs/qwen-replay-check.md
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from specdecpp.sampling import SamplingConfig
 SETTINGS = [("constant", {"k": 4}), ("constant", {"k": 12}), ("heuristic", {"k": 5}),
             ("confidence", {"threshold": 0.5, "k_max": 32}), ("adaptive_confidence", {"k_max": 32}),
             ("svip", {"threshold": 0.3, "k_max": 32}), ("adaedl", {"lam": 0.5, "k_max": 32}),
-            ("margin", {"threshold": 0.05, "k_max": 32}), ("oracle", {"lookahead": 32})]
+            ("margin", {"threshold": 0.05, "k_max": 32}), ("online_confidence", {"threshold": 0.5, "k_max": 32}),
+            ("oracle", {"lookahead": 32})]
 
 
 def main() -> None:
@@ -34,11 +37,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--heads", nargs="*", default=["runs/bf16-greedy/head", "runs/bf16-greedy/head-stats"])
+    ap.add_argument("--target", default="default", help="a model reference (default: the embedded pair)")
+    ap.add_argument("--draft", default=None, help="the draft (default: the target's default draft)")
+    ap.add_argument("--only", nargs="*", help="check only these policies (names)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    pair = load_pair("default")  # fp32 target, bf16 copy as draft
-    settings = list(SETTINGS)
-    for path in args.heads:
+    pair = load_pair(args.target, args.draft)
+    settings = [s for s in SETTINGS if not args.only or s[0] in args.only]
+    for path in args.heads if not args.only or "specdecpp" in args.only else []:
         if Path(path, "config.json").is_file():
             head = AcceptanceHead.from_pretrained(path).eval()
             settings.append(("specdecpp", {"threshold": 0.3, "k_min": 1, "k_max": 32, "head": head,
@@ -81,7 +87,8 @@ def main() -> None:
                     f"{counts['engine'][0]} | {counts['replay'][1]} vs {counts['engine'][1]} |")
     mismatches = sum(len(t.mismatches) for t in traces.values())
     positions = sum(len(t.target) for t in traces.values())
-    text = (f"Greedy replay vs the engine: embedded pair (fp32 target, bf16 copy as draft), {args.prompts} Alpaca "
+    text = (f"Greedy replay vs the engine: {pair.names['target']} target, {pair.names['draft']} draft "
+            f"({next(pair.draft.parameters()).dtype}), {args.prompts} Alpaca "
             f"test prompts, up to {args.new_tokens} new tokens.\n\n"
             f"Target outputs: the batched greedy pass equals the engine's output on {same_output}/{len(prompts)} "
             f"prompts. Draft greedy mismatches along them: {mismatches} of {positions} positions "

@@ -253,7 +253,8 @@ def test_prompt_sources_and_bad_input(tmp_path):
         MixedDataset([])
 
 
-def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
+def saved_pair_and_prompts(tmp_path):
+    """A tiny target "t" and its noisy draft "d" saved under tmp_path, and a JSONL file of PROMPTS; returns its path."""
     tok = word_tokenizer(WORDS)
     target = tiny_llama(0, vocab=len(tok), sharpness=3.0, eos=0)
     for name, model in {"t": target, "d": noisy_draft(target, 0.5)}.items():
@@ -261,6 +262,11 @@ def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
         tok.save_pretrained(tmp_path / name)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return prompts
+
+
+def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
+    prompts = saved_pair_and_prompts(tmp_path)
     kwargs = dict(target=str(tmp_path / "t"), draft=str(tmp_path / "d"), dataset=str(prompts), train_prompts=6,
                   val_prompts=2, max_new_tokens=6, prepare_batch_size=4, batch_size=3, cache_dir=str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="data.prepare: true"):
@@ -336,13 +342,7 @@ def test_unknown_names_and_unreachable_hub_ids_say_what_was_tried(name, match, m
 
 
 def test_adding_prompts_prepares_only_the_new_blocks(tmp_path, monkeypatch):
-    tok = word_tokenizer(WORDS)
-    target = tiny_llama(0, vocab=len(tok), sharpness=3.0, eos=0)
-    for name, model in {"t": target, "d": noisy_draft(target, 0.5)}.items():
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    prompts = saved_pair_and_prompts(tmp_path)
     monkeypatch.setattr(data, "BLOCK_PROMPTS", 4)
     calls = {"n": 0}
     real = data.label_responses
@@ -365,7 +365,7 @@ def test_adding_prompts_prepares_only_the_new_blocks(tmp_path, monkeypatch):
     large.setup("fit")
     records = large.datasets["train"].records
     assert [r.index for r in records] == list(range(6))
-    assert [r.prompt.tolist() for r in records] == [pair_encode(tok, p) for p in PROMPTS[:6]]
+    assert [r.prompt.tolist() for r in records] == [pair_encode(word_tokenizer(WORDS), p) for p in PROMPTS[:6]]
 
 
 def pair_encode(tok, prompt):

@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+from specdecpp.atomic import write_text
+
 
 def report(text: str, out: Path | None) -> None:
     print(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        write_text(out, text)  # atomic: an interrupted run leaves the previous page whole

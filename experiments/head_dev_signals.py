@@ -17,6 +17,7 @@ import torch
 import yaml
 from torchmetrics.functional.classification import binary_auroc
 
+from _report import report
 from specdecpp.data import AcceptanceDataModule, load_blocks, summarize
 from specdecpp.head import AcceptanceHead, soft_ece, stat_features
 
@@ -57,10 +58,7 @@ def main() -> None:
              f"Head calibration on these positions (its Platt fit was made on them): mean prediction "
              f"{pred.mean():.3f} against mean label {labels.mean():.3f}, soft-label ECE {soft_ece(pred, labels):.4f}.",
              ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
     python experiments/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
 
 Reads each run's records.jsonl (several runs are pooled: their prompts must differ); prints, per dataset, the
-speedup difference of each pair of settings with its 95% bootstrap interval over prompts (bench/summary.py's
-paired_difference) and the fit T = t_draft D + t_target R + t_round V (costs.fit_cost_model) in target calls.
+speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
+stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
+had a rejection), the speedup difference of each pair of settings with its 95% bootstrap interval over prompts
+(bench/summary.py's paired_difference) and the fit T = t_draft D + t_target R + t_round V (costs.fit_cost_model) in target calls.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ def main() -> None:
         for row in summary:
             if row["dataset"] == dataset:
                 print(f"  {row['setting']}: {row['speedup']:.3f}x [{row['speedup_ci'][0]:.3f}, "
-                      f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations")
+                      f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; {row['tokens_per_s']:.2f} "
+                      f"tokens/s, {row['mean_acceptance_length']:.2f} tokens per target call, "
+                      f"{row['discard_rate']:.2f} drafted tokens discarded per token")
+                stops = [(p, hit) for r in records if r["dataset"] == dataset and r["setting"] == row["setting"]
+                         for p, hit, _ in (r.get("stop_log") or [])]
+                if stops:  # rounds a predictor ended: its P(>= 1 rejection) then, against what verification found
+                    print(f"    {len(stops)} rounds stopped by the predictor: predicted P(>= 1 rejection) "
+                          f"{sum(p for p, _ in stops) / len(stops):.3f}, realised {sum(h for _, h in stops) / len(stops):.3f}")
         for a, b in itertools.combinations(settings, 2):
             d, (lo, hi) = paired_difference(records, dataset, a, b)
             print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")

@@ -17,7 +17,7 @@ import itertools
 import json
 from pathlib import Path
 
-from specdecpp.bench.summary import paired_difference, summarize
+from specdecpp.bench.summary import paired_difference, stop_calibration, summarize
 from specdecpp.costs import fit_cost_model
 
 
@@ -28,6 +28,7 @@ def main() -> None:
     records = [json.loads(line) for run in args.runs for line in (run / "records.jsonl").read_text().splitlines()]
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
+    calibration = stop_calibration(records)
     for dataset in sorted({r["dataset"] for r in records}):
         settings = [r["setting"] for r in summary if r["dataset"] == dataset and r["policy"] != "target"]
         print(f"== {dataset} ({', '.join(map(str, args.runs))})")
@@ -37,11 +38,10 @@ def main() -> None:
                       f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; {row['tokens_per_s']:.2f} "
                       f"tokens/s, {row['mean_acceptance_length']:.2f} tokens per target call, "
                       f"{row['discard_rate']:.2f} drafted tokens discarded per token")
-                stops = [(p, hit) for r in records if r["dataset"] == dataset and r["setting"] == row["setting"]
-                         for p, hit, _ in (r.get("stop_log") or [])]
-                if stops:  # rounds a predictor ended: its P(>= 1 rejection) then, against what verification found
-                    print(f"    {len(stops)} rounds stopped by the predictor: predicted P(>= 1 rejection) "
-                          f"{sum(p for p, _ in stops) / len(stops):.3f}, realised {sum(h for _, h in stops) / len(stops):.3f}")
+                for stop in calibration:  # SpecDec++: P(>= 1 rejection) when the round ended vs verification
+                    if (stop["dataset"], stop["setting"]) == (dataset, row["setting"]):
+                        print(f"    {stop['rounds']} rounds scored by the head: predicted P(>= 1 rejection) "
+                              f"{stop['predicted']:.3f}, realised {stop['realised']:.3f}")
         for a, b in itertools.combinations(settings, 2):
             d, (lo, hi) = paired_difference(records, dataset, a, b)
             print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")

@@ -54,15 +54,18 @@ def pareto_figure(rows: list[dict], title: str = ""):
     return fig
 
 
-def stop_calibration_figure(table: list[dict]):
-    """Predicted P(>= 1 rejection) at each SpecDec++ stop against the share of rounds where one happened."""
-    fig = Figure(figsize=(4.5, 4))
+def stop_calibration_figure(tables: dict[str, list[dict]], title: str = ""):
+    """Predicted P(>= 1 rejection) at each stop against the share of rounds where one happened, binned; one series
+    per setting (`tables`: setting -> bins of bench.summary.stop_calibration), marker area by rounds."""
+    fig = Figure(figsize=(5, 4.2))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.scatter([t["predicted"] for t in table], [t["realised"] for t in table],
-               s=[10 + 2 * t["rounds"] for t in table])
+    for setting, table in tables.items():
+        ax.scatter([t["predicted"] for t in table], [t["realised"] for t in table],
+                   s=[10 + 2 * t["rounds"] for t in table], alpha=0.7, label=setting)
     ax.set(xlabel="predicted P(>= 1 rejection) at stop", ylabel="realised share of rounds with a rejection",
-           xlim=(0, 1), ylim=(0, 1), title="SpecDec++ stop calibration")
+           xlim=(0, 1), ylim=(0, 1), title=f"stop calibration: {title}" if title else "stop calibration")
+    ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 

@@ -37,7 +37,7 @@ def tiny_sweep(tmp_path_factory, tiny_head):
 def test_tiny_sweep_writes_every_output_and_measures_speedup_side_by_side(tiny_sweep):
     summary, run = tiny_sweep
     for name in ["records.jsonl", "summary.csv", "summary.json", "config.yaml", "stop_calibration.json",
-                 "stop_calibration.png", *[f"pareto_{d}.png" for d in ("alpaca", "humaneval", "gsm8k")]]:
+                 *[f"{kind}_{d}.png" for d in ("alpaca", "humaneval", "gsm8k") for kind in ("pareto", "stop_calibration")]]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
@@ -190,6 +190,26 @@ def _records(seed, rng):
                         "draft_calls": 0, "drafted": n - calls, "discarded": int(rng.integers(0, 3)),
                         "tokens_per_s": n / secs, "batch_size": 1})
     return out
+
+
+def test_stop_calibration_is_kept_apart_per_dataset_and_setting():
+    from specdecpp.bench.summary import stop_calibration
+
+    def record(dataset, setting, stops):
+        return {"dataset": dataset, "setting": setting, "stop_log": stops}
+
+    records = [record("alpaca", "h=0.5", [(0.55, 1, 3), (0.95, 1, 1)]), record("alpaca", "h=0.5", [(0.6, 0, 4)]),
+               record("gsm8k", "h=0.5", [(0.2, 0, 8)]), record("alpaca", "h=0.9", [(0.91, 0, 5)]),
+               record("alpaca", "target", None)]
+    rows = {(r["dataset"], r["setting"]): r for r in stop_calibration(records)}
+    assert set(rows) == {("alpaca", "h=0.5"), ("gsm8k", "h=0.5"), ("alpaca", "h=0.9")}
+    alpaca = rows[("alpaca", "h=0.5")]
+    assert alpaca["rounds"] == 3
+    assert alpaca["predicted"] == pytest.approx((0.55 + 0.95 + 0.6) / 3)
+    assert alpaca["realised"] == pytest.approx(2 / 3)
+    assert [(b["bin"], b["rounds"], b["realised"]) for b in alpaca["bins"]] == [("0.5-0.6", 1, 1.0), ("0.6-0.7", 1, 0.0),
+                                                                                 ("0.9-1.0", 1, 1.0)]
+    assert rows[("gsm8k", "h=0.5")]["realised"] == 0.0
 
 
 def test_intervals_resample_prompts_not_seeds():

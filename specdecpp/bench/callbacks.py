@@ -93,24 +93,21 @@ class TensorBoardLogger(Callback):
 
 
 class StopCalibration(Callback):
-    """SpecDec++ rows: predicted P(>= 1 rejection) when drafting stopped vs whether verification found one."""
+    """SpecDec++ rounds: the head's predicted P(>= 1 rejection) among the tokens drafted when the round ended against
+    whether verification rejected one, per dataset and setting: stop_calibration.json, stop_calibration_<set>.png."""
 
     def on_end(self, bench, summary):
         from ..plots import stop_calibration_figure
+        from .summary import stop_calibration
 
-        rows = [(p, hit) for r in bench.records if r["policy"] == "specdecpp" for p, hit, _ in (r["stop_log"] or [])]
+        rows = stop_calibration(bench.records)
         if not rows:
             return
-        pred = torch.tensor([p for p, _ in rows])
-        hit = torch.tensor([h for _, h in rows], dtype=torch.float)
-        bins = (pred * 10).long().clamp(0, 9)
-        table = [{"bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}", "rounds": int((bins == b).sum()),
-                  "predicted": float(pred[bins == b].mean()), "realised": float(hit[bins == b].mean())}
-                 for b in range(10) if (bins == b).any()]
-        result = {"rounds": len(rows), "mean_predicted": float(pred.mean()), "mean_realised": float(hit.mean()),
-                  "bins": table}
-        (bench.out_dir / "stop_calibration.json").write_text(json.dumps(result, indent=2))
-        stop_calibration_figure(table).savefig(bench.out_dir / "stop_calibration.png", dpi=120)
+        (bench.out_dir / "stop_calibration.json").write_text(json.dumps(rows, indent=2))
+        for dataset in dict.fromkeys(r["dataset"] for r in rows):
+            tables = {r["setting"]: r["bins"] for r in rows if r["dataset"] == dataset}
+            stop_calibration_figure(tables, title=dataset).savefig(
+                bench.out_dir / f"stop_calibration_{Path(dataset).stem}.png", dpi=120)
 
 
 class WhatIf(Callback):

@@ -72,6 +72,28 @@ def paired_difference(records: list[dict], dataset: str, setting: str, other: st
     return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot, groups=[p for p, _ in keys])
 
 
+def stop_calibration(records: list[dict]) -> list[dict]:
+    """Per (dataset, setting) whose records carry a stop_log (SpecDec++): the rounds its head scored, the mean
+    predicted P(>= 1 rejection) among the drafted tokens when each ended, the share of those rounds where
+    verification rejected one, and the same in ten bins of the prediction."""
+    groups: dict[tuple, list[tuple[float, int]]] = {}
+    for r in records:
+        for p, hit, _ in r.get("stop_log") or []:
+            groups.setdefault((r["dataset"], r["setting"]), []).append((p, hit))
+    rows = []
+    for (dataset, setting), stops in groups.items():
+        bins: dict[int, list[tuple[float, int]]] = {}
+        for p, hit in stops:
+            bins.setdefault(min(int(p * 10), 9), []).append((p, hit))
+        rows.append({"dataset": dataset, "setting": setting, "rounds": len(stops),
+                     "predicted": sum(p for p, _ in stops) / len(stops),
+                     "realised": sum(h for _, h in stops) / len(stops),
+                     "bins": [{"bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}", "rounds": len(bins[b]),
+                               "predicted": sum(p for p, _ in bins[b]) / len(bins[b]),
+                               "realised": sum(h for _, h in bins[b]) / len(bins[b])} for b in sorted(bins)]})
+    return rows
+
+
 def verdict(records: list[dict], summary: list[dict], dataset: str) -> str | None:
     """One sentence: did the best SpecDec++ setting beat the best constant K on `dataset`, by how much (paired)."""
     best = best_by_policy(summary, dataset)

@@ -12,12 +12,11 @@ checked token for token. Prints a markdown table and writes it to --out.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import machine, report
 
 from specdecpp import ConstantK, SamplingConfig, TargetOnly, load_pair
 
@@ -85,7 +84,7 @@ def main() -> None:
     tps = {m: tokens[m] / seconds[m] for m in methods}
     lines = [
         f"Pair: target `{args.target}`, draft `{pair.names['draft']}`, {args.dtype} on {args.device} "
-        f"({platform.processor() or platform.machine()}, torch {torch.__version__}); greedy, K = {args.k}, "
+        f"({machine()}, torch {torch.__version__}); greedy, K = {args.k}, "
         f"{len(PROMPTS)} prompts x {args.repeats} repeats, up to {n} new tokens.", "",
         "| method | tokens | seconds | tokens/s |", "|---|---|---|---|",
         *[f"| {m} | {tokens[m]} | {seconds[m]:.1f} | {tps[m]:.2f} |" for m in methods], "",

@@ -268,14 +268,14 @@ def _prepare_shards(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out
 
 
 def verified(out_dir: Path) -> bool:
-    """Marked complete and every shard present and undamaged (checked at every use: a marker alone can lie)."""
+    """Marked complete and every shard present and undamaged (checked at every use: a marker alone can lie). A read
+    only: preparation rebuilds what is bad and marks the directory again."""
     marker = out_dir / "complete"
     if not marker.is_file():
         return False
     bad = [i for i in range(int(marker.read_text())) if not _shard_complete(out_dir / f"shard_{i:05d}.safetensors")]
     if bad:
         log.warning("%s: shards %s are missing or damaged; they will be prepared again", out_dir, bad)
-        marker.unlink()
     return not bad
 
 

@@ -38,9 +38,9 @@ def main() -> None:
                       f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; {row['tokens_per_s']:.2f} "
                       f"tokens/s, {row['mean_acceptance_length']:.2f} tokens per target call, "
                       f"{row['discard_rate']:.2f} drafted tokens discarded per token")
-                for stop in calibration:  # SpecDec++: P(>= 1 rejection) when the round ended vs verification
+                for stop in calibration:  # a rejection rule's P(>= 1 rejection) when the round ended vs verification
                     if (stop["dataset"], stop["setting"]) == (dataset, row["setting"]):
-                        print(f"    {stop['rounds']} rounds scored by the head: predicted P(>= 1 rejection) "
+                        print(f"    {stop['rounds']} rounds scored by the predictor: predicted P(>= 1 rejection) "
                               f"{stop['predicted']:.3f}, realised {stop['realised']:.3f}")
         for a, b in itertools.combinations(settings, 2):
             d, (lo, hi) = paired_difference(records, dataset, a, b)

@@ -335,49 +335,81 @@ class OnlineCalibration:
             self.b -= self.lr * g
 
 
-class OnlineConfidence(TokenRule):
-    """Stop once the predicted P(>= 1 rejection) = 1 - prod_j P^_j exceeds h, where P^_j calibrates the draft's
-    logit of its own token, logit q(Y_j), online from this generation's observed outcomes (OnlineCalibration).
-    Each generation starts from the identity calibration (`reset`), so a policy decodes a prompt the same way
-    whatever ran before it (and the replay equals the engine)."""
+class RejectionRule(TokenRule):
+    """Stop once the predicted P(>= 1 rejection) = 1 - prod_j P^_j of the round's drafted tokens exceeds h (SpecDec++'s
+    rule; Theorem 3.1 sets h from the costs). Subclasses say how a token's acceptance logit z_j and P^_j are made
+    (`estimate`). With an OnlineCalibration (`self.online`), P^_j = its Platt map of z_j, fitted from this
+    generation's accepts and rejects; each generation starts afresh (`reset`), so a policy decodes a prompt the
+    same way whatever ran before it (and the replay equals the engine). `stop_log` keeps, per round, (the predicted
+    P(>= 1 rejection) when the round ended, whether verification rejected one of the tokens it covers, K): the
+    benchmark's stop calibration."""
+
+    def __init__(self, threshold: float, k_min: int, k_max: int, online: OnlineCalibration | None):
+        super().__init__(k_min, k_max)
+        self.threshold = _check_threshold(threshold)
+        self.online = online
+        self.p_all_accepted = 1.0
+        self.predictions: list[float] = []  # P^_j of the current round, for inspection
+        self.logits: list[float] = []  # z_j of the current round, for the online update
+        self.stop_log: list[tuple[float, int, int]] = []
+
+    def estimate(self, i: int, token: DraftToken) -> tuple[float, float] | None:
+        """(P^, z) for the i-th drafted token, or None when this token gets no prediction."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.stop_log = []
+        if self.online is not None:
+            self.online = OnlineCalibration(self.online.lr)
+
+    def begin_round(self) -> int:
+        self.p_all_accepted = 1.0
+        self.predictions, self.logits = [], []
+        return self.k_max
+
+    def keep_drafting(self, i: int, token: DraftToken) -> bool:
+        estimate = self.estimate(i, token)
+        if estimate is not None:
+            p_hat, z = estimate
+            self.predictions.append(p_hat)
+            self.logits.append(z)
+            self.p_all_accepted *= p_hat
+        return i < self.k_min or 1.0 - self.p_all_accepted <= self.threshold
+
+    def end_round(self, drafted: int, accepted: int) -> None:
+        if self.predictions:  # the predictions cover Y_1..Y_n (n = drafted, or drafted - 1 for a lagged head)
+            self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < len(self.predictions)), drafted))
+        if self.online is not None:  # logits[j] scores Y_{j+1}, lagged head or not
+            self.online.update(self.logits, accepted)
+
+
+class OnlineConfidence(RejectionRule):
+    """The rejection rule on the draft's own confidence: z_j = logit q(Y_j), calibrated online from this
+    generation's outcomes (vLLM's adaptive verification); it starts from the identity map, P^_j = q(Y_j)."""
 
     name = "online_confidence"
 
     def __init__(self, threshold: float = 0.5, lr: float = 0.05, k_min: int = 1, k_max: int = 20):
-        super().__init__(k_min, k_max)
-        self.threshold = _check_threshold(threshold)
-        self.calibration = OnlineCalibration(lr)
-        self.logits: list[float] = []
-        self.p_all_accepted = 1.0
+        super().__init__(threshold, k_min, k_max, OnlineCalibration(lr))
 
-    def reset(self) -> None:
-        self.calibration = OnlineCalibration(self.calibration.lr)
-
-    def begin_round(self) -> int:
-        self.logits, self.p_all_accepted = [], 1.0
-        return self.k_max
-
-    def keep_drafting(self, i: int, token: DraftToken) -> bool:
+    def estimate(self, i: int, token: DraftToken) -> tuple[float, float]:
         q = min(max(token.prob, 1e-6), 1 - 1e-6)
-        self.logits.append(math.log(q / (1 - q)))
-        self.p_all_accepted *= self.calibration.prob(self.logits[-1])
-        return i < self.k_min or 1.0 - self.p_all_accepted <= self.threshold
-
-    def end_round(self, drafted: int, accepted: int) -> None:
-        self.calibration.update(self.logits, accepted)
+        z = math.log(q / (1 - q))
+        return self.online.prob(z), z
 
     @property
     def params(self) -> dict:
-        return {"threshold": self.threshold, "lr": self.calibration.lr, **super().params}
+        return {"threshold": self.threshold, "lr": self.online.lr, **super().params}
 
 
-class SpecDecPP(TokenRule):
-    """SpecDec++: stop once the predicted P(at least one rejection) = 1 - prod_j P^_j exceeds h.
+class SpecDecPP(RejectionRule):
+    """SpecDec++: the rejection rule on a trained acceptance head.
 
     `head` maps a draft hidden state [H] (and, if it has `n_stats > 0`, the token's statistics) to an acceptance
     logit; any callable works (the trained `AcceptanceHead` is one). P^_j = sigmoid(head(.)) predicts
     P(Y_j accepted | Y_<j accepted). A hidden-state-only head (the paper's) scores Y_{i-1} when asked after Y_i
-    (the one-token lag); a head with statistics scores Y_i itself.
+    (the one-token lag); a head with statistics scores Y_i itself. `online_lr` > 0 recalibrates the head's logit
+    online (a trained head that keeps itself calibrated when the prompts shift away from its training data).
     """
 
     name = "specdecpp"
@@ -385,62 +417,31 @@ class SpecDecPP(TokenRule):
 
     def __init__(self, head: Callable[..., torch.Tensor], threshold: float = 0.7, k_min: int = 2, k_max: int = 20,
                  online_lr: float = 0.0):
-        super().__init__(k_min, k_max)
+        super().__init__(threshold, k_min, k_max, OnlineCalibration(online_lr) if online_lr else None)
         self.head = head
-        # online_lr > 0: the head's logit is recalibrated online from the observed outcomes (a trained head that keeps
-        # itself calibrated when the prompts shift away from its training data)
-        self.online = OnlineCalibration(online_lr) if online_lr else None
-        self.logits: list[float] = []
-        self.threshold = _check_threshold(threshold)
         self.needs_stats = getattr(head, "n_stats", 0) > 0
-        self.p_all_accepted = 1.0
-        self.predictions: list[float] = []  # P^_j of the current round, for inspection
-        # per round: (predicted P(>= 1 rejection) when drafting stopped, whether one happened among the tokens
-        # that prediction covers, K); read by the benchmark
-        self.stop_log: list[tuple[float, int, int]] = []
-
-    def reset(self) -> None:
-        self.stop_log = []
-        if self.online is not None:  # each generation starts from the head's own calibration
-            self.online = OnlineCalibration(self.online.lr)
 
     def check_draft(self, draft: torch.nn.Module) -> None:
         check = getattr(self.head, "check_draft", None)  # a trained AcceptanceHead knows its draft; a callable not
         if check is not None:
             check(draft)
 
-    def begin_round(self) -> int:
-        self.p_all_accepted = 1.0
-        self.predictions, self.logits = [], []
-        return self.k_max
-
-    def end_round(self, drafted: int, accepted: int) -> None:
-        if self.predictions:  # the predictions cover Y_1..Y_n
-            self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < len(self.predictions)), drafted))
-        if self.online is not None:  # logits[j] scores Y_{j+1}, lagged head or not
-            self.online.update(self.logits, accepted)
-
     @torch.no_grad()
-    def predict(self, token: DraftToken) -> float:
+    def estimate(self, i: int, token: DraftToken) -> tuple[float, float] | None:
+        if not self.needs_stats and i < 2:  # a lagged head at i = 1 would score an already verified token
+            return None
         hidden = token.hidden.float()  # a bf16 draft's state, for a head (or any callable) kept in float32
         if self.needs_stats:
             from .head import stat_features
 
             stats = stat_features(torch.tensor(token.prob), torch.tensor(token.entropy), torch.tensor(token.margin))
-            logit = self.head(hidden, stats.to(hidden.device))
+            logit = self.head(hidden, stats.to(hidden.device)).float()
         else:
-            logit = self.head(hidden)
+            logit = self.head(hidden).float()
+        z = float(logit.reshape(()))
         if self.online is None:
-            return float(torch.sigmoid(logit.float()).reshape(()))
-        self.logits.append(float(logit.float().reshape(())))
-        return self.online.prob(self.logits[-1])
-
-    def keep_drafting(self, i: int, token: DraftToken) -> bool:
-        if self.needs_stats or i >= 2:  # a lagged head at i = 1 would score an already verified token
-            p_hat = self.predict(token)
-            self.predictions.append(p_hat)
-            self.p_all_accepted *= p_hat
-        return i < self.k_min or 1.0 - self.p_all_accepted <= self.threshold
+            return float(torch.sigmoid(logit).reshape(())), z
+        return self.online.prob(z), z
 
     @property
     def params(self) -> dict:

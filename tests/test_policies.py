@@ -191,6 +191,10 @@ def test_online_confidence_learns_to_stop_earlier_after_rejections():
     for _ in range(5):  # every round rejected at its first token: the calibration learns this token fails
         policy.end_round(round_length(), 0)
     assert round_length() < first and policy.params == {"threshold": 0.5, "lr": 1.0, "k_min": 1, "k_max": 10}
+    # its stop log, like SpecDec++'s: P(>= 1 rejection) when each round ended, whether one happened, K
+    assert policy.stop_log[0] == (pytest.approx(1 - 0.9 ** 7), 1, 7) and len(policy.stop_log) == 5
+    policy.reset()
+    assert policy.stop_log == [] and (policy.online.a, policy.online.b) == (1.0, 0.0)
 
 
 def test_specdecpp_online_recalibrates_its_heads_logit():

@@ -93,8 +93,9 @@ class TensorBoardLogger(Callback):
 
 
 class StopCalibration(Callback):
-    """SpecDec++ rounds: the head's predicted P(>= 1 rejection) among the tokens drafted when the round ended against
-    whether verification rejected one, per dataset and setting: stop_calibration.json, stop_calibration_<set>.png."""
+    """Rounds of the rejection rules (SpecDec++, online confidence): the predicted P(>= 1 rejection) among the tokens
+    drafted when the round ended against whether verification rejected one, per dataset and setting:
+    stop_calibration.json, stop_calibration_<set>.png."""
 
     def on_end(self, bench, summary):
         from ..plots import stop_calibration_figure

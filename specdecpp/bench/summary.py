@@ -73,7 +73,7 @@ def paired_difference(records: list[dict], dataset: str, setting: str, other: st
 
 
 def stop_calibration(records: list[dict]) -> list[dict]:
-    """Per (dataset, setting) whose records carry a stop_log (SpecDec++): the rounds its head scored, the mean
+    """Per (dataset, setting) whose records carry a stop_log (policies.RejectionRule): the rounds it scored, the mean
     predicted P(>= 1 rejection) among the drafted tokens when each ended, the share of those rounds where
     verification rejected one, and the same in ten bins of the prediction."""
     groups: dict[tuple, list[tuple[float, int]]] = {}

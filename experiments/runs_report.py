@@ -3,7 +3,8 @@
     python experiments/runs_report.py runs/wallclock-confirm                      # one run
     python experiments/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
 
-Reads each run's records.jsonl (several runs are pooled: their prompts must differ); prints, per dataset, the
+Reads each run's records.jsonl (several runs are pooled: their prompts must differ; two settings are compared on the
+prompts both decoded); prints, per dataset, the
 speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
 had a rejection), the speedup difference of each pair of settings with its 95% bootstrap interval over prompts
@@ -42,9 +43,13 @@ def main() -> None:
                     if (stop["dataset"], stop["setting"]) == (dataset, row["setting"]):
                         print(f"    {stop['rounds']} rounds scored by the predictor: predicted P(>= 1 rejection) "
                               f"{stop['predicted']:.3f}, realised {stop['realised']:.3f}")
+        prompts = {s: {r["prompt_id"] for r in records if r["dataset"] == dataset and r["setting"] == s}
+                   for s in settings}
         for a, b in itertools.combinations(settings, 2):
-            d, (lo, hi) = paired_difference(records, dataset, a, b)
-            print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            shared = len(prompts[a] & prompts[b])
+            if shared:  # pooled runs: a setting of one run only meets the others on that run's prompts
+                d, (lo, hi) = paired_difference(records, dataset, a, b)
+                print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
         t_d, t_t, t_r = fits[dataset]
         print(f"  cost fit: {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, {t_r * 1e3:+.1f} ms "
               f"a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target calls")

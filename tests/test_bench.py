@@ -192,6 +192,23 @@ def _records(seed, rng):
     return out
 
 
+def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
+    import numpy as np
+
+    from specdecpp.bench.summary import paired_difference
+
+    records = _records(0, np.random.default_rng(0))
+    late = [{**r, "setting": "constant k=5"} for r in records if r["setting"] == "constant k=3" and r["prompt_id"] >= 6]
+    shared = [r for r in records if r["prompt_id"] >= 6]
+    d, ci = paired_difference(records + late, "alpaca", "constant k=5", "constant k=1")
+    d_shared, ci_shared = paired_difference(shared, "alpaca", "constant k=3", "constant k=1")
+    assert (d, *ci) == pytest.approx((d_shared, *ci_shared))  # = prompts 6-11 alone, where k=5 copies k=3
+    assert paired_difference(records + late, "alpaca", "constant k=1", "constant k=5")[0] == pytest.approx(-d)
+    early = [{**r, "setting": "constant k=7"} for r in records if r["setting"] == "constant k=3" and r["prompt_id"] < 6]
+    with pytest.raises(ValueError, match="share no prompt"):
+        paired_difference(records + late + early, "alpaca", "constant k=5", "constant k=7")
+
+
 def test_stop_calibration_is_kept_apart_per_dataset_and_setting():
     from specdecpp.bench.summary import stop_calibration
 

@@ -58,11 +58,14 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
 
 def paired_difference(records: list[dict], dataset: str, setting: str, other: str, n_boot: int = 2000,
                       ) -> tuple[float, tuple[float, float]]:
-    """speedup(setting) - speedup(other) over the same prompts of `dataset`, with its 95% bootstrap interval (each
-    resample draws the same prompts, with all their seeds, for both settings and the target-only baseline)."""
+    """speedup(setting) - speedup(other) over the prompts of `dataset` that both decoded (pooled runs may hold a
+    setting on some prompts only), with its 95% bootstrap interval (each resample draws the same prompts, with all
+    their seeds, for both settings and the target-only baseline). ValueError when they share no prompt."""
     by = {(r["setting"], r["prompt_id"], r["seed"]): r for r in records if r["dataset"] == dataset}
-    keys = sorted({(p, s) for (name, p, s) in by if name == setting})
     base = next(r["setting"] for r in records if r["dataset"] == dataset and r["policy"] == "target")
+    keys = sorted(set.intersection(*({(p, s) for (name, p, s) in by if name == n} for n in (setting, other, base))))
+    if not keys:
+        raise ValueError(f"{setting!r} and {other!r} share no prompt of {dataset!r}")
     cols = [[by[(name, *k)][f] for k in keys] for name in (setting, other, base) for f in ("new_tokens", "charged_s")]
 
     def diff(n, t, n_o, t_o, n_b, t_b):

@@ -195,7 +195,7 @@ def _records(seed, rng):
 def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
     import numpy as np
 
-    from specdecpp.bench.summary import paired_difference
+    from specdecpp.bench.summary import paired_difference, summarize
 
     records = _records(0, np.random.default_rng(0))
     late = [{**r, "setting": "constant k=5"} for r in records if r["setting"] == "constant k=3" and r["prompt_id"] >= 6]
@@ -204,6 +204,9 @@ def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
     d_shared, ci_shared = paired_difference(shared, "alpaca", "constant k=3", "constant k=1")
     assert (d, *ci) == pytest.approx((d_shared, *ci_shared))  # = prompts 6-11 alone, where k=5 copies k=3
     assert paired_difference(records + late, "alpaca", "constant k=1", "constant k=5")[0] == pytest.approx(-d)
+    pooled = {r["setting"]: r for r in summarize(records + late)}  # its speedup: over the baseline's same prompts
+    assert pooled["constant k=5"]["speedup"] == pytest.approx(
+        {r["setting"]: r for r in summarize(shared)}["constant k=3"]["speedup"])
     early = [{**r, "setting": "constant k=7"} for r in records if r["setting"] == "constant k=3" and r["prompt_id"] < 6]
     with pytest.raises(ValueError, match="share no prompt"):
         paired_difference(records + late + early, "alpaca", "constant k=5", "constant k=7")

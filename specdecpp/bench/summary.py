@@ -46,7 +46,9 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
         base_row = next(b for b in rows if b["dataset"] == row["dataset"] and b["policy"] == "target")
         base = {(r["prompt_id"], r["seed"]): r for r in groups[(row["dataset"], base_row["setting"])]}
         paired = [(r, base[(r["prompt_id"], r["seed"])]) for r in mine]
-        row["speedup"] = row["tokens_per_s"] / base_row["tokens_per_s"]
+        # against the baseline on this setting's own prompts (pooled runs may hold a setting on some prompts only)
+        base_tps = sum(b["new_tokens"] for _, b in paired) / sum(b["charged_s"] for _, b in paired)
+        row["speedup"] = row["tokens_per_s"] / base_tps
         row["speedup_ci"] = bootstrap_interval(
             [[r["new_tokens"] for r, _ in paired], [r["charged_s"] for r, _ in paired],
              [b["new_tokens"] for _, b in paired], [b["charged_s"] for _, b in paired]],

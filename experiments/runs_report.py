@@ -2,6 +2,7 @@
 
     python experiments/runs_report.py runs/wallclock-confirm                      # one run
     python experiments/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
+    python experiments/runs_report.py runs/qwen-greedy-replay --settings "constant k=2" "margin threshold=0.3"
 
 Reads each run's records.jsonl (several runs are pooled: their prompts must differ; two settings are compared on the
 prompts both decoded); prints, per dataset, the
@@ -25,8 +26,11 @@ from specdecpp.costs import fit_cost_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
     args = ap.parse_args()
     records = [json.loads(line) for run in args.runs for line in (run / "records.jsonl").read_text().splitlines()]
+    if args.settings:
+        records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
     calibration = stop_calibration(records)

@@ -24,14 +24,21 @@ def reliability_figure(rel: dict, title: str = "acceptance head calibration (sof
 
 STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
           "confidence": ("^", "tab:purple"), "adaptive_confidence": ("v", "tab:pink"), "svip": ("<", "tab:olive"),
-          "adaedl": (">", "tab:cyan"), "margin": ("P", "tab:orange"), "oracle": ("D", "black"), "target": ("x", "grey")}
+          "adaedl": (">", "tab:cyan"), "margin": ("P", "tab:orange"), "online_confidence": ("h", "tab:brown"),
+          "oracle": ("D", "black"), "target": ("x", "grey")}
+
+
+def style(policy: str) -> tuple[str, str | None]:
+    """(marker, colour) of a policy; one not listed in STYLES gets matplotlib's next colour."""
+    return STYLES.get(policy, ("o", None))
 
 
 def pareto_figure(rows: list[dict], title: str = ""):
     """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins."""
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
-    for policy, (marker, color) in STYLES.items():
+    for policy in dict.fromkeys([*STYLES, *(r["policy"] for r in rows)]):
+        marker, color = style(policy)
         pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"], r.get("verification_rate_ci"),
                       r.get("discard_rate_ci")) for r in rows if r["policy"] == policy)
         if not pts:
@@ -75,7 +82,7 @@ def whatif_figure(draft_costs: list[float], best: dict[str, list[float]], measur
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
     for policy, ys in best.items():
-        marker, color = STYLES.get(policy, ("o", None))
+        marker, color = style(policy)
         ax.plot(draft_costs, ys, marker=marker, color=color, ms=4, label=policy, lw=2 if policy == "specdecpp" else 1)
     ax.axvline(measured, color="grey", ls="--", lw=1, label=f"measured c = {measured:.2f}")
     ax.axhline(1.0, color="grey", lw=0.5)

@@ -272,3 +272,15 @@ def test_prompt_offset_takes_later_prompts_and_keeps_their_ids(tmp_path, tiny_he
     with pytest.raises(ValueError, match="humaneval: no prompts after prompt_offset 1000"):
         Benchmark(tiny_cfg(tmp_path, tiny_head, prompt_offset=1000, datasets="[humaneval]"))
 
+
+
+def test_pareto_figure_draws_every_policy_in_the_rows_each_in_its_own_colour():
+    from specdecpp.plots import pareto_figure
+
+    rows = [{"policy": p, "setting": p, "verification_rate": 0.2 + i / 10, "discard_rate": 0.3}
+            for i, p in enumerate(["constant", "online_confidence", "specdecpp", "a_new_rule"])]
+    ax = pareto_figure(rows).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["constant", "specdecpp", "online_confidence", "a_new_rule"]
+    colours = [line.get_color() for line in ax.get_lines() if line.get_label() in labels]
+    assert len(set(colours)) == 4

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from specdecpp.bench.summary import paired_difference, stop_calibration, summarize
-from specdecpp.costs import fit_cost_model
+from specdecpp.costs import fit_cost_model, suggest_threshold
 
 
 def main() -> None:
@@ -56,7 +56,8 @@ def main() -> None:
                 print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
         t_d, t_t, t_r = fits[dataset]
         print(f"  cost fit: {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, {t_r * 1e3:+.1f} ms "
-              f"a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target calls")
+              f"a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target calls; Theorem 3.1 at these "
+              f"costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
 
 
 if __name__ == "__main__":

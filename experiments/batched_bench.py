@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from _report import report
 
 from specdecpp import ConstantK, SamplingConfig, SpecDecPP, TargetOnly, load_pair, speculative_generate
 from specdecpp.head import AcceptanceHead
+from specdecpp.lowp import cpu_description
 from specdecpp.prompts import load_prompts
 from specdecpp.stats import bootstrap_interval
 
@@ -106,7 +106,7 @@ def main() -> None:
         return [x[i] for x in per_group[key]]
 
     lines = [f"Embedded pair (target `{pair.names['target']}`, draft `{pair.names['draft']}`), CPU "
-             f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+             f"({cpu_description()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}); greedy, {len(prompts)} {args.dataset} test prompts, up to {n_new} new tokens; "
              f"SpecDec++ head `{args.head}`, k_max 32; 95% intervals bootstrapped over {-(-len(prompts) // group)} "
              f"groups of {group} prompts.", "",

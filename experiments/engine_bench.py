@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from _report import machine, report
+from _report import report
 
 from specdecpp import ConstantK, SamplingConfig, TargetOnly, load_pair
+from specdecpp.lowp import cpu_description
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -94,7 +95,7 @@ def main() -> None:
     tps = {m: tokens[m] / seconds[m] for m in methods}
     lines = [
         f"Pair: target `{args.target}`, draft `{pair.names['draft']}`, {args.dtype} on {args.device} "
-        f"({machine()}, torch {torch.__version__}); greedy, K = {args.k}, "
+        f"({cpu_description()}, torch {torch.__version__}); greedy, K = {args.k}, "
         f"{len(PROMPTS)} prompts x {args.repeats} repeats, up to {n} new tokens.", "",
         "| method | tokens | target calls | seconds | tokens/s |", "|---|---|---|---|---|",
         *[f"| {m} | {tokens[m]} | {target_calls[m]} | {seconds[m]:.1f} | {tps[m]:.2f} |" for m in methods], "",

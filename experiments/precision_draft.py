@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from _report import machine, report
+from _report import report
 
 from specdecpp import SamplingConfig, TargetOnly, load_pair, speculative_generate
+from specdecpp.lowp import cpu_description
 from specdecpp.prompts import load_prompts
 
 
@@ -76,7 +77,7 @@ def main() -> None:
     n_pos = len(acc[args.dtypes[0]])
     text = ("\n".join(rows) + f"\n\n{args.prompts} Alpaca train prompts, {n_pos} target-sampled response positions "
             f"(T = 1); greedy step times over {args.repeats} interleaved repeats of 32 tokens, target step "
-            f"{statistics.median(t_target) * 1000:.1f} ms (median) on {machine()}. Share of positions where the "
+            f"{statistics.median(t_target) * 1000:.1f} ms (median) on {cpu_description()}. Share of positions where the "
             f"target's own top-2 margin is below 0.05: {sum(margin_low) / len(margin_low):.3f}.\n")
     report(text, args.out)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import resource
 import time
 from pathlib import Path
@@ -20,17 +19,9 @@ import torch
 
 from specdecpp import ConstantK, SamplingConfig, TargetOnly, load_pair
 from specdecpp.costs import measure_costs
+from specdecpp.lowp import cpu_description
 from specdecpp.models import load_model
 from specdecpp.prompts import load_prompts
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            flags = Path("/proc/cpuinfo").read_text()
-            bf16 = " (AVX-512 bf16)" if "avx512_bf16" in flags else " (no AVX-512 bf16)"
-            return line.split(":", 1)[1].strip() + bf16
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -45,7 +36,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     command = f"python scripts/check_pair.py {args.target} --prompts {args.prompts} --new-tokens {args.new_tokens}"
     lines = [f"# Pair check: {args.target}", "",
-             f"`{command}` on {cpu_name()}, {torch.get_num_threads()} threads, fp32 models.", ""]
+             f"`{command}` on {cpu_description()}, {torch.get_num_threads()} threads, fp32 models.", ""]
     t0 = time.perf_counter()
     pair = load_pair(args.target, args.draft)
     sizes = [sum(p.numel() for p in m.parameters()) / 1e9 for m in (pair.target, pair.draft)]

@@ -16,12 +16,27 @@ the embedded 135M draft) at every entry. The engine (`rows_products`) switches t
 
 from __future__ import annotations
 
+import os
+import platform
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+DTYPE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")  # what makes a dtype fast
+
+
+def cpu_description() -> str:
+    """The CPU a timing came from: model name, cores, and the instruction-set flags that decide which dtype is fast
+    on it (every measured number names it)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = info.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    return f"{name}, {os.cpu_count()} cores, {' '.join(f for f in DTYPE_FLAGS if f in flags) or 'no AVX2'}"
 FP32_FROM_ROWS = 8  # embedded bf16 draft, 2-core CPU (experiments/rows_bench.py): 8 rows 75 ms either way, 16 rows
 # 133 native vs 91 fp32, 64 rows 471 vs 217
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from specdecpp.plots import pareto_figure, whatif_figure
+from specdecpp.plots import pareto_figure, save, whatif_figure
 
 
 def main() -> None:
@@ -22,17 +22,15 @@ def main() -> None:
     out = args.out or args.run
     summary = json.loads((args.run / "summary.json").read_text())
     for dataset in dict.fromkeys(r["dataset"] for r in summary):
-        path = out / f"{args.prefix}pareto_{Path(dataset).stem}.png"
-        pareto_figure([r for r in summary if r["dataset"] == dataset], title=dataset).savefig(path, dpi=120)
-        print(path)
+        print(save(pareto_figure([r for r in summary if r["dataset"] == dataset], title=dataset),
+                   out / f"{args.prefix}pareto_{Path(dataset).stem}.png"))
     whatif = args.run / "whatif.json"
     if whatif.exists():
         result = json.loads(whatif.read_text())
         for dataset, v in result["datasets"].items():
-            path = out / f"{args.prefix}whatif_{Path(dataset).stem}.png"
-            whatif_figure(result["draft_costs"], v["best_speedup"], result["draft_cost_measured"],
-                          title=dataset).savefig(path, dpi=120)
-            print(path)
+            figure = whatif_figure(result["draft_costs"], v["best_speedup"], result["draft_cost_measured"],
+                                   title=dataset)
+            print(save(figure, out / f"{args.prefix}whatif_{Path(dataset).stem}.png"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from matplotlib.figure import Figure  # the object API: no pyplot state, no backend forced on a notebook
 
 
@@ -26,6 +28,16 @@ STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heurist
           "confidence": ("^", "tab:purple"), "adaptive_confidence": ("v", "tab:pink"), "svip": ("<", "tab:olive"),
           "adaedl": (">", "tab:cyan"), "margin": ("P", "tab:orange"), "online_confidence": ("h", "tab:brown"),
           "oracle": ("D", "black"), "target": ("x", "grey")}
+
+
+def save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG under `path` atomically (a temporary sibling, then a rename): an interrupted redraw
+    leaves the previous figure whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    tmp.replace(path)
+    return path
 
 
 def style(policy: str) -> tuple[str, str | None]:

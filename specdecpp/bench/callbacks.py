@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import OmegaConf
 
 from .summary import format_summary, verdict
@@ -66,12 +65,12 @@ class ParetoPlot(Callback):
     """pareto_<dataset>.png: discard rate against verification rate (lower left is better), one marker per policy."""
 
     def on_end(self, bench, summary):
-        from ..plots import pareto_figure
+        from ..plots import pareto_figure, save
 
         self.figures = {}
         for dataset in bench.prompts:
             fig = pareto_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}")
-            fig.savefig(bench.out_dir / f"pareto_{Path(dataset).stem}.png", dpi=120)
+            save(fig, bench.out_dir / f"pareto_{Path(dataset).stem}.png")
             self.figures[dataset] = fig
 
 
@@ -98,7 +97,7 @@ class StopCalibration(Callback):
     stop_calibration.json, stop_calibration_<set>.png."""
 
     def on_end(self, bench, summary):
-        from ..plots import stop_calibration_figure
+        from ..plots import save, stop_calibration_figure
         from .summary import stop_calibration
 
         rows = stop_calibration(bench.records)
@@ -107,8 +106,8 @@ class StopCalibration(Callback):
         (bench.out_dir / "stop_calibration.json").write_text(json.dumps(rows, indent=2))
         for dataset in dict.fromkeys(r["dataset"] for r in rows):
             tables = {r["setting"]: r["bins"] for r in rows if r["dataset"] == dataset}
-            stop_calibration_figure(tables, title=dataset).savefig(
-                bench.out_dir / f"stop_calibration_{Path(dataset).stem}.png", dpi=120)
+            figure = stop_calibration_figure(tables, title=dataset)
+            save(figure, bench.out_dir / f"stop_calibration_{Path(dataset).stem}.png")
 
 
 class WhatIf(Callback):
@@ -122,7 +121,7 @@ class WhatIf(Callback):
         if bench.costs is None:
             return
         from ..costs import best_per_policy, gap_closed, whatif
-        from ..plots import whatif_figure
+        from ..plots import save, whatif_figure
 
         c_measured = bench.costs.draft
         grid = sorted({*self.COSTS, round(c_measured, 4)})
@@ -136,8 +135,8 @@ class WhatIf(Callback):
             if {"specdecpp", "constant", "oracle"} <= set(best):
                 gaps = {f"c={c:g}": gap_closed(best, grid.index(c)) for c in (round(c_measured, 4), 0.05, 0.2)}
             result["datasets"][dataset] = {"best_speedup": best, "gap_closed": gaps}
-            whatif_figure(grid, best, c_measured, title=dataset).savefig(
-                bench.out_dir / f"whatif_{Path(dataset).stem}.png", dpi=120)
+            figure = whatif_figure(grid, best, c_measured, title=dataset)
+            save(figure, bench.out_dir / f"whatif_{Path(dataset).stem}.png")
         (bench.out_dir / "whatif.json").write_text(json.dumps(result, indent=2))
         self.result = result
 

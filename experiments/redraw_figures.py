@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--prefix", default="", help="prefix of the written file names")
     args = ap.parse_args()
     out = args.out or args.run
+    out.mkdir(parents=True, exist_ok=True)
     summary = json.loads((args.run / "summary.json").read_text())
     for dataset in dict.fromkeys(r["dataset"] for r in summary):
         print(save(pareto_figure([r for r in summary if r["dataset"] == dataset], title=dataset),

@@ -62,15 +62,17 @@ def main() -> None:
             diff, (dlo, dhi) = paired_difference(records, d, pick["setting"], const)
             cells.append(f"{row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {diff:+.3f} [{dlo:+.3f}, {dhi:+.3f}]")
         lines.append(f"| {v} | {pick['setting']} | " + " | ".join(cells) + " |")
-    if "margin" in chosen:  # the training-free baseline SpecDec++ must beat too
-        margin = chosen["margin"]["setting"]
-        lines += ["", f"Paired difference of each chosen setting to the chosen margin cut-off ({margin}), same "
+    for baseline in ("margin", "online_confidence"):  # the training-free baselines SpecDec++ must beat too
+        if baseline not in chosen:
+            continue
+        base = chosen[baseline]["setting"]
+        lines += ["", f"Paired difference of each chosen setting to the chosen {baseline} setting ({base}), same "
                   "prompts, 95% bootstrap interval:", "", "| policy | " + " | ".join(datasets) + " |",
                   "|---|" + "---|" * len(datasets)]
         for v, pick in chosen.items():
-            if v == "margin":
+            if v == baseline:
                 continue
-            cells = [paired_difference(records, d, pick["setting"], margin) for d in datasets]
+            cells = [paired_difference(records, d, pick["setting"], base) for d in datasets]
             lines.append(f"| {v} | " + " | ".join(f"{x:+.3f} [{lo:+.3f}, {hi:+.3f}]" for x, (lo, hi) in cells) + " |")
     lines += ["", f"All settings on {args.test} (speedup [95% interval], verification rate, discard rate per "
               "token):", "",

@@ -48,7 +48,8 @@ from .prompts import TEST_ONLY, load_prompts
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, expected_acceptance, probs, sample
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3  # 2: shards hold prompts bucketed by length; 3: fp32 products for low-precision drafts (lowp.py)
+FORMAT_VERSION = 4  # 2: shards hold prompts bucketed by length; 3: fp32 products for low-precision drafts (lowp.py);
+# 4: greedy labels read off the target's output, no second target pass
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
 
     Logits are computed only from the shortest prompt's last position on (responses follow their prompts; the
     LM heads are a third of these passes); a low-precision draft runs its products in fp32 on a CPU (lowp.py).
+    Greedy labels need no target pass: X is the target's greedy output, so Y_i is accepted iff Y_i == X_i (the
+    label the engine applies to the target's argmax; a second pass would only re-derive X in another shape).
     """
     seqs = [p + r for p, r in zip(prompts, responses)]
     width, first = max(map(len, seqs)), min(map(len, prompts)) - 1  # logits at position t predict token t + 1
@@ -150,18 +153,24 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
     for row, s in enumerate(seqs):  # right padding: real positions never attend to what follows them
         ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
     ids, mask = ids.to(pair.device), mask.to(pair.device)
-    logits_p = pair.target(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.to(pair.device)
+    logits_p = None if cfg.greedy else \
+        pair.target(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.to(pair.device)
     with fp32_linears(pair.draft):
         hidden = pair.draft.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, first:]
         logits_q = pair.draft.get_output_embeddings()(hidden).to(pair.device)
     records = []
     for row, (p_ids, x) in enumerate(zip(prompts, responses)):
         at = slice(len(p_ids) - 1 - first, len(p_ids) + len(x) - 1 - first)
-        p, q = probs(logits_p[row, at], cfg), probs(logits_q[row, at], cfg)  # [L, V]
+        q = probs(logits_q[row, at], cfg)  # [L, V]
         y = q.argmax(-1) if cfg.greedy else sample(q, generator)
-        p_y, q_y = p.gather(-1, y[:, None])[:, 0], q.gather(-1, y[:, None])[:, 0]
+        q_y = q.gather(-1, y[:, None])[:, 0]
+        if cfg.greedy:  # one-hot p at X_i: p(Y_i), min(1, p/q) and 1 - TV are all [Y_i == X_i]
+            p_y = p_exp = (y == torch.tensor(x, device=y.device)).float()
+        else:
+            p = probs(logits_p[row, at], cfg)
+            p_y, p_exp = p.gather(-1, y[:, None])[:, 0], expected_acceptance(p, q)
         rec = Record(torch.tensor(p_ids), torch.tensor(x), y.cpu(), acceptance_prob(p_y, q_y).cpu(), p_y.log().cpu(),
-                     q_y.log().cpu(), p_exp=expected_acceptance(p, q).cpu())
+                     q_y.log().cpu(), p_exp=p_exp.cpu())
         if features:
             rec.hidden = hidden[row, at].cpu()
             rec.stats = torch.stack(draft_stats(logits_q[row, at], y), -1).cpu()

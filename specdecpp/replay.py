@@ -80,7 +80,7 @@ class Trace:
         b = self.branches.get(m)
         if b is not None and len(b.steps) >= s:
             return b.steps[s - 1]
-        if self.model is None:
+        if self.model is None or (b is not None and b.cache is None):
             raise ValueError(f"this trace holds {len(b.steps) if b else 0} branch tokens after position {m} and no "
                              f"model to draft more (a saved trace: replay again with a longer branch_length)")
         if b is None:
@@ -96,6 +96,49 @@ class Trace:
             b.steps.append((y, DraftToken(prob, entropy, margin, out.hidden_states[-1][0, -1].float().cpu())))
             b.feed = y
         return b.steps[s - 1]
+
+    @torch.inference_mode()
+    def complete_branches(self, length: int) -> None:
+        """Every mismatch's branch up to `length` - 1 tokens after D_m (or to EOS), as the rows of one batch.
+
+        Row m reuses the teacher-forced cache with the positions from prompt + X_<m on masked out, and feeds D_m at
+        its own position: the same attention as `branch`'s cropped copy, one batched draft call per step instead of
+        one call per step per mismatch (in fp32 the tokens are the same; tests/test_replay.py).
+        """
+        for m, b in self.branches.items():  # begun one token at a time: finished that way
+            while b.cache is not None and len(b.steps) < length - 1 and not (b.steps and b.steps[-1][0] in self.eos):
+                self.branch(m, len(b.steps) + 1)
+        todo = [m for m in self.mismatches if self.draft[m] not in self.eos and m not in self.branches]
+        if not todo or length < 2:
+            return
+        if self.model is None:
+            raise ValueError("this trace holds no model to draft branches with")
+        device = self.model.device
+        start = torch.tensor([len(self.prompt) + m for m in todo], device=device)  # where each row feeds D_m
+        cache = copy.deepcopy(self.cache)
+        cache.crop(int(start.max()) - cache.get_seq_length())  # no row attends past its own start
+        cache.batch_repeat_interleave(len(todo))
+        mask = (torch.arange(int(start.max()), device=device)[None] < start[:, None]).long()
+        feed = torch.tensor([self.draft[m] for m in todo], device=device)
+        eos = torch.tensor(sorted(self.eos) or [-1], device=device)
+        steps: list[list[tuple[int, DraftToken]]] = [[] for _ in todo]
+        done = torch.zeros(len(todo), dtype=torch.bool, device=device)
+        for s in range(length - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=(start + s)[:, None],
+                             cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+            logits = out.logits[:, -1]
+            y = logits.argmax(-1)
+            stats = torch.stack(draft_stats(logits, y), -1).tolist()
+            hidden = out.hidden_states[-1][:, -1].float().cpu()
+            for row in (~done).nonzero()[:, 0].tolist():
+                steps[row].append((int(y[row]), DraftToken(*stats[row], hidden[row])))
+            done |= torch.isin(y, eos)
+            if done.all():
+                break
+            feed = y
+        for m, run in zip(todo, steps):
+            self.branches[m] = _Branch(None, run[-1][0], run)  # no cache: a longer branch cannot be drawn from it
 
     def release(self) -> None:
         """Drop the caches and the model (what was computed stays usable; new branches cannot be made)."""
@@ -175,12 +218,7 @@ def weights_fingerprint(pair) -> list[float]:
 def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
     """Complete every mismatch's branch (to EOS or `branch_length` tokens), then write the trace atomically as
     safetensors: the token ids in its JSON metadata, statistics and hidden states as tensors (data only, no pickle)."""
-    for m in trace.mismatches:
-        if trace.draft[m] in trace.eos:
-            continue
-        s = 1
-        while s <= branch_length - 1 and trace.branch(m, s)[0] not in trace.eos:
-            s += 1
+    trace.complete_branches(branch_length)
     tensors = {}
 
     def put(name: str, tokens: list[DraftToken]) -> None:

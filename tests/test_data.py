@@ -70,6 +70,33 @@ def test_labels_match_an_independent_computation(pair, tmp_path):
     assert sum(len(r.target) for r in records) > 40
 
 
+
+def test_greedy_labels_are_the_targets_argmax_without_a_second_target_pass(pair, tmp_path):
+    cfg = PrepareConfig(max_new_tokens=12, batch_size=3, seed=1, temperature=0)
+    widths = []
+    hook = pair.target.register_forward_pre_hook(lambda m, a, k: widths.append(k["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    try:
+        records, _ = load_prepared(prepare(pair, PROMPTS, cfg, tmp_path))
+    finally:
+        hook.remove()
+    # the target's calls were prompt prefills and one-token steps: no pass over prompt + response
+    assert widths and max(widths) <= max(len(r.prompt) for r in records)
+    rejected = 0
+    for rec in records:
+        ids = torch.cat([rec.prompt, rec.target])[None]
+        with torch.no_grad():  # unbatched, unpadded teacher-forced passes of both models
+            lp, lq = pair.target(ids).logits[0], pair.draft(ids).logits[0]
+        at = slice(len(rec.prompt) - 1, len(rec.prompt) - 1 + len(rec.target))
+        assert torch.equal(rec.target, lp[at].argmax(-1))  # X is the target's greedy output
+        assert torch.equal(rec.draft, lq[at].argmax(-1))
+        accepted = (rec.draft == lp[at].argmax(-1)).float()
+        assert torch.equal(rec.p_acc, accepted) and torch.equal(rec.p_exp, accepted)
+        assert torch.equal(rec.log_q, torch.zeros_like(rec.log_q))
+        rejected += int((accepted == 0).sum())
+    assert rejected > 0 and sum(len(r.target) for r in records) > 40  # both labels occur
+
+
 def test_records_carry_their_prompt_index_and_come_back_in_prompt_order(pair, tmp_path):
     out = prepare(pair, PROMPTS, CFG, tmp_path)
     bucketed, _ = load_prepared(out)

@@ -5,8 +5,8 @@ Prompts are taken in groups of the largest batch size; within a group every (pol
 prompts one after another, so machine noise hits them alike; 95% intervals are bootstrapped over groups. Greedy.
 `--against-rev` also times the engine of an older git revision at batch 1 (the batch-1 regression check).
 
-    python experiments/batched_bench.py --prompts 32 --new-tokens 64 --head runs/bf16-greedy/head-stats --threshold 0.2 \
-        --against-rev c2b98b5 --out docs/batched-bench.md
+    python experiments/batched_bench.py --prompts 32 --new-tokens 64 --head runs/bf16-greedy/head-stats \
+        --threshold 0.2 --against-rev c2b98b5 --out docs/batched-bench.md
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from _report import report
 from torchmetrics.functional.classification import binary_auroc
 
-from _report import report
 from specdecpp.data import AcceptanceDataModule, load_blocks, summarize
 from specdecpp.head import AcceptanceHead, soft_ece, stat_features
 

@@ -77,7 +77,8 @@ def main() -> None:
     n_pos = len(acc[args.dtypes[0]])
     text = ("\n".join(rows) + f"\n\n{args.prompts} Alpaca train prompts, {n_pos} target-sampled response positions "
             f"(T = 1); greedy step times over {args.repeats} interleaved repeats of 32 tokens, target step "
-            f"{statistics.median(t_target) * 1000:.1f} ms (median) on {cpu_description()}. Share of positions where the "
+            f"{statistics.median(t_target) * 1000:.1f} ms (median) on {cpu_description()}. "
+            f"Share of positions where the "
             f"target's own top-2 margin is below 0.05: {sum(margin_low) / len(margin_low):.3f}.\n")
     report(text, args.out)
 

@@ -3,9 +3,11 @@
 Runs configs/bench/replay.yaml (50 Alpaca dev prompts, then the 300 test prompts) keeping only the constant K,
 margin and oracle grids and one SpecDec++ grid per head given, then the dev/test table (settings chosen on dev):
 
-    python experiments/replay_results_head_stats.py     # -> runs/replay-v2-dev, runs/replay-v2, docs/replay-results-head-stats.md
-    python experiments/replay_results_head_stats.py --head runs/bf16-greedy/head-stats --head runs/bf16-greedy/head-stats-50k \
-        --tag 50k --draft-cost 0.518 --verify-cost 0.075   # costs fixed: the main replay table's measured ones
+    python experiments/replay_results_head_stats.py   # -> runs/replay-v2-dev, runs/replay-v2,
+                                                      #    docs/replay-results-head-stats.md
+    python experiments/replay_results_head_stats.py --head runs/bf16-greedy/head-stats \
+        --head runs/bf16-greedy/head-stats-50k --tag 50k --draft-cost 0.518 --verify-cost 0.075
+        # (costs fixed: the main replay table's measured ones)
 
 With --draft-cost/--verify-cost/--round-cost the speeds are priced at those costs instead of costs timed in this
 run (so the run may share the machine, and its table compares with a run measured at those costs). Runs before
@@ -36,7 +38,8 @@ def main() -> None:
                                      ("round_cost", args.round_cost)) if v is not None]
     out = {"dev": f"runs/replay-{args.tag}-dev", "test": f"runs/replay-{args.tag}"}
     for split, overrides in (("dev", ["datasets=[alpaca]", "split=dev", "prompts_per_dataset=50"]), ("test", [])):
-        cfg = load_config(ROOT / "configs/bench/replay.yaml", [*overrides, *costs, f"out_dir={out[split]}", "overwrite=true"])
+        cfg = load_config(ROOT / "configs/bench/replay.yaml",
+                          [*overrides, *costs, f"out_dir={out[split]}", "overwrite=true"])
         template = next(p for p in cfg.policies if p.params.get("head"))  # the statistics head's grid
         cfg.policies = [p for p in cfg.policies if p.name in ("constant", "margin", "oracle")]
         cfg.policies[-1:-1] = [replace(template, params={**template.params, "head": h}) for h in heads]

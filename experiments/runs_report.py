@@ -9,7 +9,8 @@ prompts both decoded); prints, per dataset, the
 speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
 had a rejection), the speedup difference of each pair of settings with its 95% bootstrap interval over prompts
-(bench/summary.py's paired_difference) and the fit T = t_draft D + t_target R + t_round V (costs.fit_cost_model) in target calls.
+(bench/summary.py's paired_difference) and the fit T = t_draft D + t_target R + t_round V
+(costs.fit_cost_model) in target calls.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def tiny_sweep(tmp_path_factory, tiny_head):
 def test_tiny_sweep_writes_every_output_and_measures_speedup_side_by_side(tiny_sweep):
     summary, run = tiny_sweep
     for name in ["records.jsonl", "summary.csv", "summary.json", "config.yaml", "stop_calibration.json",
-                 *[f"{kind}_{d}.png" for d in ("alpaca", "humaneval", "gsm8k") for kind in ("pareto", "stop_calibration")]]:
+                 *[f"{kind}_{d}.png" for d in ("alpaca", "humaneval", "gsm8k")
+                   for kind in ("pareto", "stop_calibration")]]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
@@ -227,8 +228,8 @@ def test_stop_calibration_is_kept_apart_per_dataset_and_setting():
     assert alpaca["rounds"] == 3
     assert alpaca["predicted"] == pytest.approx((0.55 + 0.95 + 0.6) / 3)
     assert alpaca["realised"] == pytest.approx(2 / 3)
-    assert [(b["bin"], b["rounds"], b["realised"]) for b in alpaca["bins"]] == [("0.5-0.6", 1, 1.0), ("0.6-0.7", 1, 0.0),
-                                                                                 ("0.9-1.0", 1, 1.0)]
+    assert [(b["bin"], b["rounds"], b["realised"]) for b in alpaca["bins"]] == [
+        ("0.5-0.6", 1, 1.0), ("0.6-0.7", 1, 0.0), ("0.9-1.0", 1, 1.0)]
     assert rows[("gsm8k", "h=0.5")]["realised"] == 0.0
 
 

@@ -259,7 +259,9 @@ def _prepare_shards(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out
     encoded = [pair.encode(p) for p in prompts]
     # length bucketing: a batch of similar prompt lengths wastes little on padding (shards stay deterministic)
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    for shard in tqdm(range(rank, n_shards, world), desc=desc if world == 1 else f"{desc} (rank {rank})", unit="batch"):
+    bar = tqdm(range(rank, n_shards, world), desc=desc if world == 1 else f"{desc} (rank {rank})", unit="batch")
+    spent = {"generate": 0.0, "label": 0.0, "positions": 0}  # where preparation time goes, on the bar
+    for shard in bar:
         path = out_dir / f"shard_{shard:05d}.safetensors"
         if _shard_complete(path):  # the checksum is enough here: records are parsed once, by load_prepared
             continue
@@ -269,8 +271,15 @@ def _prepare_shards(pair: ModelPair, prompts: list[str], cfg: PrepareConfig, out
         records = []
         if kept:
             ids = [k[1] for k in kept]
+            t0 = time.perf_counter()
             responses = sample_responses(pair.target, ids, cfg.sampling, cfg.max_new_tokens, eos, pad_id, generator)
+            t1 = time.perf_counter()
             records = label_responses(pair, ids, responses, cfg.sampling, generator, cfg.features)
+            spent["generate"] += t1 - t0
+            spent["label"] += time.perf_counter() - t1
+            spent["positions"] += sum(map(len, responses))
+            bar.set_postfix_str(f"generate {spent['generate']:.0f} s, label {spent['label']:.0f} s, "
+                                f"{spent['positions']} positions")
         _save_shard(path, records, [k[0] for k in kept], skipped=len(batch) - len(kept))
     if world == 1:
         mark_complete(out_dir, n_shards)

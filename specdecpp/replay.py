@@ -42,6 +42,13 @@ GREEDY = SamplingConfig(temperature=0)
 log = logging.getLogger(__name__)
 
 
+def _draft_tokens(logits: torch.Tensor, hidden: torch.Tensor) -> list[tuple[int, DraftToken]]:
+    """[N, V] draft logits and [N, H] final hidden states -> each row's greedy token and what a policy reads of it."""
+    y = logits.argmax(-1)
+    stats = torch.stack(draft_stats(logits, y), -1).tolist()
+    return [(t, DraftToken(*st, h)) for t, st, h in zip(y.tolist(), stats, hidden.float().cpu())]
+
+
 @dataclass
 class _Branch:
     cache: DynamicCache | None  # the draft's cache up to (not including) `feed`
@@ -80,9 +87,10 @@ class Trace:
         b = self.branches.get(m)
         if b is not None and len(b.steps) >= s:
             return b.steps[s - 1]
-        if self.model is None or (b is not None and b.cache is None):
-            raise ValueError(f"this trace holds {len(b.steps) if b else 0} branch tokens after position {m} and no "
-                             f"model to draft more (a saved trace: replay again with a longer branch_length)")
+        if self.model is None or (b is not None and b.cache is None):  # a saved trace, or branches drawn batched
+            raise ValueError(f"this trace holds {len(b.steps) if b else 0} branch tokens after position {m} and "
+                             f"nothing to draft more from (complete_branches drew them to a fixed length: replay "
+                             f"again with a longer branch_length)")
         if b is None:
             cache = copy.deepcopy(self.cache)
             cache.crop(len(self.prompt) + m - cache.get_seq_length())  # negative: tokens to remove
@@ -90,11 +98,8 @@ class Trace:
         while len(b.steps) < s:
             out = self.model(input_ids=torch.tensor([[b.feed]], device=self.model.device), cache=b.cache,
                              use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            logits = out.logits[0, -1]
-            y = int(logits.argmax())
-            prob, entropy, margin = map(float, draft_stats(logits, torch.tensor(y, device=logits.device)))
-            b.steps.append((y, DraftToken(prob, entropy, margin, out.hidden_states[-1][0, -1].float().cpu())))
-            b.feed = y
+            b.steps += _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1])
+            b.feed = b.steps[-1][0]
         return b.steps[s - 1]
 
     @torch.inference_mode()
@@ -127,16 +132,13 @@ class Trace:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=(start + s)[:, None],
                              cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            logits = out.logits[:, -1]
-            y = logits.argmax(-1)
-            stats = torch.stack(draft_stats(logits, y), -1).tolist()
-            hidden = out.hidden_states[-1][:, -1].float().cpu()
+            drafted = _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1])
             for row in (~done).nonzero()[:, 0].tolist():
-                steps[row].append((int(y[row]), DraftToken(*stats[row], hidden[row])))
-            done |= torch.isin(y, eos)
+                steps[row].append(drafted[row])
+            feed = torch.tensor([y for y, _ in drafted], device=device)
+            done |= torch.isin(feed, eos)
             if done.all():
                 break
-            feed = y
         for m, run in zip(todo, steps):
             self.branches[m] = _Branch(None, run[-1][0], run)  # no cache: a longer branch cannot be drawn from it
 
@@ -154,13 +156,8 @@ def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int],
     ids = torch.tensor([prompt + target], device=draft.device)
     out = draft(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True)
     at = slice(len(prompt) - 1, len(prompt) + len(target) - 1)  # position t predicts token t + 1
-    logits = out.logits[0, at]
-    d = logits.argmax(-1)
-    prob, entropy, margin = draft_stats(logits, d)
-    hidden = out.hidden_states[-1][0, at].float().cpu()
-    tokens = [DraftToken(float(a), float(b), float(c), h) for a, b, c, h in
-              zip(prob.tolist(), entropy.tolist(), margin.tolist(), hidden)]
-    return Trace(prompt, target, d.tolist(), tokens, eos, draft, cache)
+    drafted = _draft_tokens(out.logits[0, at], out.hidden_states[-1][0, at])
+    return Trace(prompt, target, [y for y, _ in drafted], [t for _, t in drafted], eos, draft, cache)
 
 
 def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,

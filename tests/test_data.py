@@ -70,7 +70,6 @@ def test_labels_match_an_independent_computation(pair, tmp_path):
     assert sum(len(r.target) for r in records) > 40
 
 
-
 def test_greedy_labels_are_the_targets_argmax_without_a_second_target_pass(pair, tmp_path):
     cfg = PrepareConfig(max_new_tokens=12, batch_size=3, seed=1, temperature=0)
     widths = []

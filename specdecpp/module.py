@@ -120,15 +120,19 @@ class AcceptanceHeadModule(L.LightningModule):
         w_rej: weight of the rejection term (paper: 6).
         lr, weight_decay, warmup_ratio: AdamW with linear warm-up then cosine decay to zero.
         export_dir: where `fit` exports the trained head (default: <log dir>/head).
+        export: "best" exports the head of the epoch with the lowest dev loss (early stopping without stopping),
+            "last" the final epoch's. Either is Platt-calibrated on its own epoch's dev pass.
     """
 
     def __init__(self, target: str = "default", draft: str | int | None = None, num_layers: int = 3,
                  head_stats: bool = False, head_hidden: bool = True, w_rej: float = 6.0, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.03, n_bins: int = 10,
-                 export_dir: str | None = None):
+                 export_dir: str | None = None, export: str = "best"):
         super().__init__()
         if w_rej <= 0:
             raise ValueError(f"w_rej must be > 0, got {w_rej}")
+        if export not in ("best", "last"):
+            raise ValueError(f"export must be 'best' or 'last', got {export!r}")
         self.save_hyperparameters()
         self.hparams.draft = draft_ref(draft)  # "3" from a command line (LightningCLI passes text): a self-draft depth
         self.strict_loading = False  # checkpoints hold the head only, never the draft
@@ -145,7 +149,8 @@ class AcceptanceHeadModule(L.LightningModule):
         self.val_stop_true = torch.nn.ModuleList(MeanMetric() for _ in STOP_WINDOWS)
         self._val_preds: list[torch.Tensor] = []
         self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logit, soft label) of this validation pass
-        self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None  # ... of the last one, for calibration
+        self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None  # every rank's, of the last one: calibration
+        self._best: dict | None = None  # export="best": the best epoch, its dev loss, whole head state and dev pairs
 
     # --- models --------------------------------------------------------------------------------------------------
 
@@ -276,7 +281,12 @@ class AcceptanceHeadModule(L.LightningModule):
             self._reset_val_metrics()
         self._val_preds = []
         if self._val_pairs and not self.trainer.sanity_checking:
-            self._last_val = tuple(torch.cat(t) for t in zip(*self._val_pairs))
+            # collective steps: every rank is here at once and sees the same synced loss, so all take the same branch
+            self._last_val = tuple(self._gather(torch.cat(t)) for t in zip(*self._val_pairs))
+            better = self._best is None or float(loss) < self._best["val_loss"]
+            if self.hparams.export == "best" and self.trainer.state.fn == "fit" and better:
+                self._best = {"epoch": self.current_epoch, "val_loss": float(loss), "state": self._full_head_state(),
+                              "val": self._last_val}
         self._val_pairs = []
 
     def _reset_val_metrics(self) -> None:
@@ -319,6 +329,8 @@ class AcceptanceHeadModule(L.LightningModule):
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("draft.")}
         checkpoint["draft_identity"] = self.draft_identity
+        if self._best is not None:  # a resumed run still exports the best epoch seen before the interruption
+            checkpoint["best_head"] = self._best
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("draft_identity")
@@ -328,13 +340,29 @@ class AcceptanceHeadModule(L.LightningModule):
                 raise ValueError(f"this checkpoint was trained on draft {saved}, not on {ours}")
         # strict_loading is off (the draft is never in a checkpoint), so compare the head's shape by hand
         _check_head_shape(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        self._best = checkpoint.get("best_head", self._best)
+
+    def _full_head_state(self) -> dict:
+        """The head's whole state on CPU (rank 0; empty on other ranks); collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().clone() for k, v in state.items()}  # on one CPU process these are the live tensors
+
+    def restore_best(self) -> dict | None:
+        """Put the best epoch's head and dev pass back (export="best"); collective under FSDP. None if none kept."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self._best is None or self.hparams.export != "best":
+            return None
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.trainer.world_size > 1)
+        set_model_state_dict(self.head, self._best["state"], options=options)
+        self._last_val = self._best["val"]
+        return {"epoch": self._best["epoch"], "val_loss": self._best["val_loss"]}
 
     def export_head(self, path: str | Path) -> Path | None:
         """Gather the (possibly sharded) head and save it unsharded; collective under FSDP, rank 0 writes."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.head, options=full)
+        state = self._full_head_state()
         if not self.trainer.is_global_zero:
             return None
         plain = AcceptanceHead(self.head.hidden_size, self.head.num_layers, self.draft_identity, self.head.n_stats,
@@ -346,7 +374,7 @@ class AcceptanceHeadModule(L.LightningModule):
         """Platt-scale the head on the last validation pass (every rank's positions): sets head.calibration."""
         if self._last_val is None:
             return None
-        z, p = (self._gather(t) for t in self._last_val)
+        z, p = self._last_val
         a, b = fit_platt(z, p)
         with torch.no_grad():
             self.head.calibration.copy_(torch.tensor([a, b]))
@@ -368,10 +396,15 @@ class AcceptanceHeadModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        best = self.restore_best()
         report = self.calibrate()
         path = self.export_head(self.hparams.export_dir or log_dir / "head")
         if path is not None:
+            if best is not None:
+                print(f"\nexporting the head of epoch {best['epoch']} (lowest dev loss, {best['val_loss']:.4f}; "
+                      f"--model.export last takes the final epoch's)")
             if report is not None:
+                report.update(best or {})
                 (path / "calibration.json").write_text(json.dumps(report, indent=2))
                 print(f"\ncalibration (Platt, dev split): soft-label ECE {report['ece_soft_before']:.4f} -> "
                       f"{report['ece_soft_after']:.4f}; mean prediction {report['mean_pred_before']:.4f} -> "

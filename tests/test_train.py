@@ -95,17 +95,21 @@ def test_checkpoint_holds_the_head_not_the_draft():
     assert ckpt["state_dict"] and all(k.startswith("head.") for k in ckpt["state_dict"])
 
 
-def toy_loaders(seed=0):
-    """A learnable task: acceptance is 1 for tokens 200..209 and 0 for tokens 300..309."""
+def toy_loaders(seed=0, invert_val=False):
+    """A learnable task: acceptance is 1 for tokens 200..209 and 0 for tokens 300..309 (the reverse in the
+    validation loader if invert_val: a dev set that training can only get worse on)."""
+    return [toy_loader(seed, shuffle=True), toy_loader(seed, shuffle=False, invert=invert_val)]
+
+
+def toy_loader(seed, shuffle, invert=False):
     g = torch.Generator().manual_seed(seed)
     records = []
     for _ in range(48):
         draft = torch.cat([torch.arange(200, 210), torch.arange(300, 310)])[torch.randperm(20, generator=g)][:12]
-        label = (draft < 300).float()
+        label = ((draft < 300) != invert).float()
         records.append(Record(torch.tensor([1, 2, 3]), draft, draft, label, label, label))
     ds = MixedDataset(records, mixing_ratio=0.0)
-    return [DataLoader(ds, batch_size=8, sampler=EpochSampler(ds, 1, 0, shuffle=s, seed=0), collate_fn=collate)
-            for s in (True, False)]
+    return DataLoader(ds, batch_size=8, sampler=EpochSampler(ds, 1, 0, shuffle=shuffle, seed=0), collate_fn=collate)
 
 
 def test_validation_loss_goes_down_on_a_learnable_toy_task(tmp_path):
@@ -118,6 +122,67 @@ def test_validation_loss_goes_down_on_a_learnable_toy_task(tmp_path):
     trainer.fit(module, train, val)
     after = trainer.callback_metrics["val/loss"].item()
     assert after < 0.5 * before and trainer.callback_metrics["val/auroc"] > 0.9
+
+
+class EpochRecorder(L.Callback):
+    """Each epoch's dev loss and head weights, read after its validation pass."""
+
+    def __init__(self):
+        self.losses, self.states, self.dev_pairs = [], [], []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.losses.append(trainer.callback_metrics["val/loss"].item())
+        self.dev_pairs.append(module._last_val)
+        self.states.append({k: v.clone() for k, v in module.head.state_dict().items() if k != "calibration"})
+
+
+@pytest.mark.parametrize("export", ["best", "last"])
+def test_fit_exports_the_head_of_the_lowest_dev_loss_epoch_or_the_last(tmp_path, export):
+    L.seed_everything(0)
+    module = AcceptanceHeadModule(target="tiny-random", draft=2, num_layers=2, w_rej=1.0, lr=3e-3, warmup_ratio=0.0,
+                                  export=export, export_dir=str(tmp_path / "head"))
+    recorder = EpochRecorder()
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, callbacks=[recorder])
+    trainer.fit(module, *toy_loaders(invert_val=True))
+    best = min(range(4), key=recorder.losses.__getitem__)
+    assert best != 3, recorder.losses  # the dev set is the training task reversed: the last epoch is not the best
+    exported = AcceptanceHead.from_pretrained(tmp_path / "head").state_dict()
+    wanted = recorder.states[best if export == "best" else 3]
+    assert all(torch.equal(exported[k], v) for k, v in wanted.items())
+    calibration = json.loads((tmp_path / "head" / "calibration.json").read_text())
+    assert calibration.get("epoch") == (best if export == "best" else None)
+    # Platt scaling is fitted on the exported epoch's own dev pass
+    a, b = fit_platt(*recorder.dev_pairs[best if export == "best" else 3])
+    assert [calibration["scale"], calibration["bias"]] == pytest.approx([a, b], rel=1e-5, abs=1e-6)
+
+
+def test_a_resumed_fit_still_exports_the_best_epoch_from_before_the_interruption(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs, ckpt=None):
+        L.seed_everything(0)
+        module = AcceptanceHeadModule(target="tiny-random", draft=2, num_layers=2, w_rej=1.0, lr=3e-3,
+                                      warmup_ratio=0.0, export_dir=str(tmp_path / f"head{epochs}"))
+        recorder = EpochRecorder()
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        trainer.fit(module, *toy_loaders(invert_val=True), ckpt_path=ckpt)
+        return recorder
+
+    first = fit(2)
+    second = fit(4, tmp_path / "ckpt" / "last.ckpt")
+    assert len(second.losses) == 2 and min(second.losses) > first.losses[0]  # epoch 0, before the stop, is the best
+    exported = AcceptanceHead.from_pretrained(tmp_path / "head4").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in first.states[0].items())
+    assert json.loads((tmp_path / "head4" / "calibration.json").read_text())["epoch"] == 0
+
+
+def test_export_must_be_best_or_last():
+    with pytest.raises(ValueError, match="export must be"):
+        AcceptanceHeadModule(target="tiny-random", draft=2, export="first")
 
 
 def run(args):

@@ -161,12 +161,14 @@ def label_responses(pair: ModelPair, prompts: list[list[int]], responses: list[l
     records = []
     for row, (p_ids, x) in enumerate(zip(prompts, responses)):
         at = slice(len(p_ids) - 1 - first, len(p_ids) + len(x) - 1 - first)
-        q = probs(logits_q[row, at], cfg)  # [L, V]
-        y = q.argmax(-1) if cfg.greedy else sample(q, generator)
-        q_y = q.gather(-1, y[:, None])[:, 0]
-        if cfg.greedy:  # one-hot p at X_i: p(Y_i), min(1, p/q) and 1 - TV are all [Y_i == X_i]
+        if cfg.greedy:  # q one-hot at Y_i, p one-hot at X_i: q(Y_i) = 1; p(Y_i), min(1, p/q), 1 - TV are [Y_i == X_i]
+            y = logits_q[row, at].argmax(-1)
+            q_y = torch.ones(len(y), device=y.device)
             p_y = p_exp = (y == torch.tensor(x, device=y.device)).float()
         else:
+            q = probs(logits_q[row, at], cfg)  # [L, V]
+            y = sample(q, generator)
+            q_y = q.gather(-1, y[:, None])[:, 0]
             p = probs(logits_p[row, at], cfg)
             p_y, p_exp = p.gather(-1, y[:, None])[:, 0], expected_acceptance(p, q)
         rec = Record(torch.tensor(p_ids), torch.tensor(x), y.cpu(), acceptance_prob(p_y, q_y).cpu(), p_y.log().cpu(),

@@ -46,23 +46,30 @@ def style(policy: str) -> tuple[str, str | None]:
 
 
 def pareto_figure(rows: list[dict], title: str = ""):
-    """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins."""
+    """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins.
+    One series per policy and head (a policy's second head is drawn hollow); settings are named on the points of
+    small series only (constant K's k), the rest are in the run's tables."""
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
-    for policy in dict.fromkeys([*STYLES, *(r["policy"] for r in rows)]):
+
+    def series(r: dict) -> str:
+        head = r.get("params", {}).get("head")
+        return r["policy"] + (f" ({Path(head).name})" if head else "")
+
+    names = [series(r) for r in rows]
+    for name in dict.fromkeys([*(p for p in STYLES if p in names), *names]):
+        policy = name.split(" (")[0]
         marker, color = style(policy)
         pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"], r.get("verification_rate_ci"),
-                      r.get("discard_rate_ci")) for r in rows if r["policy"] == policy)
-        if not pts:
-            continue
+                      r.get("discard_rate_ci")) for r, n in zip(rows, names) if n == name)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, marker=marker, color=color, ls="-" if len(pts) > 1 else "", ms=9 if marker == "*" else 6,
-                label=policy)
+                mfc="none" if name != policy else None, label=name)
         if all(p[3] and p[4] for p in pts):  # 95% bootstrap intervals over prompts
             ax.errorbar(xs, ys, xerr=[[x - p[3][0] for x, p in zip(xs, pts)], [p[3][1] - x for x, p in zip(xs, pts)]],
                         yerr=[[y - p[4][0] for y, p in zip(ys, pts)], [p[4][1] - y for y, p in zip(ys, pts)]],
                         fmt="none", ecolor=color, alpha=0.5, lw=1)
-        for x, y, label, *_ in pts:
+        for x, y, label, *_ in pts if len(pts) <= 8 else ():
             ax.annotate(label.split(" ", 1)[-1] if " " in label else "", (x, y), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
     ax.set(xlabel="verification rate (target calls / token)", ylabel="discard rate (discarded / token)",

@@ -285,3 +285,19 @@ def test_pareto_figure_draws_every_policy_in_the_rows_each_in_its_own_colour():
     assert labels == ["constant", "specdecpp", "online_confidence", "a_new_rule"]
     colours = [line.get_color() for line in ax.get_lines() if line.get_label() in labels]
     assert len(set(colours)) == 4
+
+
+def test_pareto_figure_draws_each_head_of_a_policy_as_its_own_hollow_series():
+    from specdecpp.plots import pareto_figure
+
+    rows = [{"policy": "specdecpp", "setting": f"specdecpp threshold={h}", "params": {"threshold": h},
+             "verification_rate": 0.2 + h, "discard_rate": 0.3} for h in (0.3, 0.5)]
+    rows += [{"policy": "specdecpp", "setting": f"specdecpp head=runs/x/head-hidden threshold={h}",
+              "params": {"head": "runs/x/head-hidden", "threshold": h}, "verification_rate": 0.1 + h,
+              "discard_rate": 0.4} for h in (0.3, 0.5)]
+    ax = pareto_figure(rows).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["specdecpp", "specdecpp (head-hidden)"]
+    assert len(lines["specdecpp"].get_xdata()) == len(lines["specdecpp (head-hidden)"].get_xdata()) == 2
+    assert lines["specdecpp (head-hidden)"].get_markerfacecolor() == "none"
+    assert lines["specdecpp"].get_markerfacecolor() != "none"

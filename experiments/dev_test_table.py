@@ -17,11 +17,7 @@ from pathlib import Path
 from _report import report
 
 from specdecpp.bench.summary import paired_difference
-
-
-def variant(row: dict) -> str:
-    head = row["params"].get("head")
-    return row["policy"] + (f" ({Path(head).name})" if head else "")
+from specdecpp.plots import variant
 
 
 def load(run: Path) -> tuple[list[dict], list[dict]]:

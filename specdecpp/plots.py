@@ -45,18 +45,19 @@ def style(policy: str) -> tuple[str, str | None]:
     return STYLES.get(policy, ("o", None))
 
 
+def variant(row: dict) -> str:
+    """A summary row's policy, with the head's directory name where the setting names its own head."""
+    head = row.get("params", {}).get("head")
+    return row["policy"] + (f" ({Path(head).name})" if head else "")
+
+
 def pareto_figure(rows: list[dict], title: str = ""):
     """Discard rate (y) against verification rate (x), the SpecDec++ paper's hardware-free axes; lower left wins.
     One series per policy and head (a policy's second head is drawn hollow); settings are named on the points of
     small series only (constant K's k), the rest are in the run's tables."""
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
-
-    def series(r: dict) -> str:
-        head = r.get("params", {}).get("head")
-        return r["policy"] + (f" ({Path(head).name})" if head else "")
-
-    names = [series(r) for r in rows]
+    names = [variant(r) for r in rows]
     for name in dict.fromkeys([*(p for p in STYLES if p in names), *names]):
         policy = name.split(" (")[0]
         marker, color = style(policy)

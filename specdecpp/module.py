@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
+from .atomic import write_text
 from .head import N_STATS, AcceptanceHead, draft_fingerprint, fit_platt, soft_ece, stat_features
 from .lowp import fp32_linears
 from .models import default_draft, draft_ref, load_draft, precision_draft_dtype
@@ -405,7 +406,7 @@ class AcceptanceHeadModule(L.LightningModule):
                       f"--model.export last takes the final epoch's)")
             if report is not None:
                 report.update(best or {})
-                (path / "calibration.json").write_text(json.dumps(report, indent=2))
+                write_text(path / "calibration.json", json.dumps(report, indent=2))  # atomic, like the head
                 print(f"\ncalibration (Platt, dev split): soft-label ECE {report['ece_soft_before']:.4f} -> "
                       f"{report['ece_soft_after']:.4f}; mean prediction {report['mean_pred_before']:.4f} -> "
                       f"{report['mean_pred_after']:.4f} (mean label {report['mean_label']:.4f})")

@@ -35,6 +35,7 @@ class GenerationStats:
     wasted_draft_steps: int = 0  # batched: draft forwards this row rode along in after it had stopped drafting
     batch_size: int = 1  # rows decoded together with this one (itself included)
     batch_s: float = 0.0  # wall time of the whole batch (total_s is this row's time to finish)
+    priced_s: float | None = None  # seconds a cost model gives these counts (replay; engine with `priced`)
 
     @property
     def drafted(self) -> int:
@@ -55,8 +56,11 @@ class GenerationStats:
 
     @property
     def charged_s(self) -> float:
-        """The seconds this generation's tokens cost: its own time alone, its share of the batch's wall time in a
-        batch (the shares of a batch sum to its wall time, so tokens / charged seconds is throughput)."""
+        """The seconds this generation's tokens cost: the cost model's price of its counts when it was priced;
+        otherwise its own time alone, or its share of the batch's wall time in a batch (the shares of a batch sum
+        to its wall time, so tokens / charged seconds is throughput)."""
+        if self.priced_s is not None:
+            return self.priced_s
         return self.total_s if self.batch_size == 1 else self.batch_s / self.batch_size
 
     @property

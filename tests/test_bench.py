@@ -176,6 +176,28 @@ def test_batched_engine_sweep_keeps_one_record_per_prompt_with_the_same_tokens(t
         assert r["charged_s"] == pytest.approx(r["batch_s"] / 2) and r["total_s"] <= r["batch_s"]
 
 
+def test_priced_engine_sweep_charges_each_row_its_counts_at_the_cost_model(tmp_path, tiny_head):
+    """A batched T = 1 sweep with `priced`: every record is charged what its own counts cost at the run's cost model
+    (the given c, v, r; one target call measured), not its share of the batch's wall time, which stays recorded."""
+    c, v, r = 0.5, 0.1, 0.25
+    summary = run_benchmark(tiny_cfg(tmp_path, tiny_head, prompts_per_dataset=2, batch_size=2, temperature=1.0,
+                                     priced=True, draft_cost=c, verify_cost=v, round_cost=r))
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    units = [x["target_calls"] + r * x["verified_rounds"] + (c + v) * x["drafted"] for x in records]
+    per_call = [x["charged_s"] / u for x, u in zip(records, units)]
+    assert min(per_call) > 0 and max(per_call) == pytest.approx(min(per_call))  # one measured target call
+    assert all(x["batch_size"] == 2 and x["batch_s"] > 0 and x["charged_s"] == x["priced_s"] for x in records)
+    assert any(x["drafted"] > x["accepted"] for x in records)  # T = 1 on random models: rejections priced too
+    for row in summary:
+        mine = [x for x in records if x["dataset"] == row["dataset"] and x["setting"] == row["setting"]]
+        base = [x for x in records if x["dataset"] == row["dataset"] and x["policy"] == "target"]
+        tokens_per_unit = sum(x["new_tokens"] for x in mine) / sum(
+            x["target_calls"] + r * x["verified_rounds"] + (c + v) * x["drafted"] for x in mine)
+        base_per_unit = sum(x["new_tokens"] for x in base) / sum(x["target_calls"] for x in base)
+        assert row["speedup"] == pytest.approx(tokens_per_unit / base_per_unit)
+    assert (tmp_path / "run" / "whatif.json").is_file()
+
+
 def _records(seed, rng):
     """Synthetic engine records: 12 prompts x (target, constant k=1, constant k=3), random lengths and times."""
     out = []

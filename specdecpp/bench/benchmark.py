@@ -1,7 +1,8 @@
 """The benchmark module: `Benchmark.run()` walks datasets x seeds x prompts and, for each prompt, every policy
 setting in turn (the target-only baseline first), so every speedup is a ratio measured side by side in one process.
-In engine mode every setting is decoded and timed; in replay mode (greedy only) every setting is simulated from one
-pass of each model per prompt (`specdecpp.replay`) and priced by a cost model measured in the same run."""
+In engine mode every setting is decoded and timed (or, with `priced`, priced by a cost model measured at the start:
+free of machine noise and of batching); in replay mode (greedy only) every setting is simulated from one pass of
+each model per prompt (`specdecpp.replay`) and priced by that cost model."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Benchmark:
                                   f"(the earlier run is replaced only once this one has finished)")
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
         self.pair, self.heads = pair, {}
-        self.costs: CostModel | None = None  # replay mode: the cost model that prices the counts
+        self.costs: CostModel | None = None  # replay or priced: the cost model that prices the counts
         self.records: list[dict] = []
 
     @property
@@ -68,8 +69,8 @@ class Benchmark:
         self._setup()
         shutil.rmtree(self.out_dir, ignore_errors=True)  # what a failed earlier attempt left
         self.out_dir.mkdir(parents=True)
-        if self.cfg.mode == "replay":
-            self.costs = self._replay_costs()
+        if self.cfg.mode == "replay" or self.cfg.priced:
+            self.costs = self._cost_model()
         for cb in self.callbacks:
             cb.on_start(self)
         if self.cfg.warmup and self.cfg.mode == "engine":  # first calls pay for allocation and kernel selection
@@ -88,7 +89,7 @@ class Benchmark:
                         for cb in self.callbacks:
                             cb.on_record(self, record)
         summary = summarize(self.records, self.cfg.bootstrap)
-        if self.cfg.mode == "engine" and self.cfg.batch_size == 1:  # the cost model prices one sequence's calls
+        if self.cfg.mode == "engine" and self.cfg.batch_size == 1 and not self.cfg.priced:  # fit to wall times
             fit_cost_model(self.records, summary)
         for cb in self.callbacks:
             cb.on_end(self, summary)
@@ -103,7 +104,7 @@ class Benchmark:
 
             def generate(policy, ids=ids, seed=seed):
                 gens = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed)
-                return [(g.stats, g.policy) for g in gens]
+                return [(self._priced(g.stats) if self.costs else g.stats, g.policy) for g in gens]
             yield seed, list(range(lo, lo + len(ids))), generate
 
     def _replayed(self, dataset: str, prompts: list[str]):
@@ -121,8 +122,8 @@ class Benchmark:
                              branch_length=longest, key=self._trace_key)
         for pid, trace in traces:
             def simulate(policy, trace=trace):
-                stats = replay_generation(trace, policy, self.cfg.max_new_tokens)
-                stats.total_s = self.costs.seconds(stats.target_calls, stats.drafted, stats.verified_rounds)
+                stats = self._priced(replay_generation(trace, policy, self.cfg.max_new_tokens))
+                stats.total_s = stats.priced_s  # a replay has no wall time of its own
                 return [(stats, policy)]
             yield self.cfg.seeds[0], [pid], simulate
             for cb in self.callbacks:  # after every setting ran on it: its branches are there
@@ -136,7 +137,11 @@ class Benchmark:
 
         return {**self.pair.names, "weights": weights_fingerprint(self.pair)}
 
-    def _replay_costs(self) -> CostModel:
+    def _priced(self, stats):
+        stats.priced_s = self.costs.seconds(stats.target_calls, stats.drafted, stats.verified_rounds)
+        return stats
+
+    def _cost_model(self) -> CostModel:
         measured = measure_costs(self.pair.target, self.pair.draft)
         given = {"draft": self.cfg.draft_cost, "verify": self.cfg.verify_cost, "round_cost": self.cfg.round_cost}
         return dataclasses.replace(measured, **{k: v for k, v in given.items() if v is not None})

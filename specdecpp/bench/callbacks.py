@@ -111,8 +111,8 @@ class StopCalibration(Callback):
 
 
 class WhatIf(Callback):
-    """Replay mode: predicted speedup of the best setting of each policy as the draft cost c varies (the verify
-    cost v as measured), whatif_<dataset>.png and whatif.json with the gap SpecDec++ closes between the best
+    """Replay or priced runs: predicted speedup of the best setting of each policy as the draft cost c varies (the
+    verify cost v as measured), whatif_<dataset>.png and whatif.json with the gap SpecDec++ closes between the best
     constant K and the oracle at the measured c and at c = 0.05 and 0.2."""
 
     COSTS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -176,7 +176,7 @@ class ConsoleSummary(Callback):
             line = verdict(bench.records, summary, dataset)
             if line:
                 print(line)
-        if bench.costs is not None:
+        if bench.cfg.mode == "replay":
             engine_s = sum(r["total_s"] for r in bench.records)
             print(f"replay: {len(bench.records)} generations simulated; decoding them through the engine would take "
                   f"about {engine_s / 3600:.1f} h at the measured costs (prompt prefill not included)")

@@ -48,10 +48,14 @@ class BenchConfig:
     # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
     mode: str = "engine"
     batch_size: int = 1  # engine: prompts decoded together (speeds are then throughput: see GenerationStats.charged_s)
+    # engine: price every generation's counts by the cost model measured at the start (as replay does) instead of
+    # timing it: what each prompt would cost decoded alone, free of machine noise, e.g. for a batched T = 1 run;
+    # the wall times stay in the records
+    priced: bool = False
     trace_batch_size: int = 16  # replay: prompts per batched target generation of the traces
-    draft_cost: float | None = None  # replay: c, a draft step in target calls (None: measured in this run)
-    verify_cost: float | None = None  # replay: v, each extra scored token in target calls (None: measured)
-    round_cost: float | None = None  # replay: r, a call that verifies drafts beyond a one-token call (None: measured)
+    draft_cost: float | None = None  # replay, priced: c, a draft step in target calls (None: measured in this run)
+    verify_cost: float | None = None  # replay, priced: v, each extra scored token in target calls (None: measured)
+    round_cost: float | None = None  # replay, priced: r, a verifying call beyond a one-token call (None: measured)
     bootstrap: int = 2000  # resamples of prompts for the 95% intervals
     trace_cache: bool = True  # replay: keep each prompt's trace under $SPECDECPP_CACHE/traces (resumable, reusable)
 

@@ -142,7 +142,7 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
         rows = [r for r in summary if r["dataset"] == dataset]
         best = best_setting(rows)
         out.append(f"\n== {dataset} ({rows[0]['prompts']} generations per setting"
-                   + (", replayed: speeds predicted from counts)" if costs else ")"))
+                   + (", speeds priced from counts by the cost model)" if costs else ")"))
         out.append("  ".join(f"{heads.get(c, c):<{w}}" if c == "setting" else f"{heads.get(c, c):>{w}}"
                              for c, w, _ in cols))
         for r in rows:

@@ -196,6 +196,11 @@ def test_priced_engine_sweep_charges_each_row_its_counts_at_the_cost_model(tmp_p
         base_per_unit = sum(x["new_tokens"] for x in base) / sum(x["target_calls"] for x in base)
         assert row["speedup"] == pytest.approx(tokens_per_unit / base_per_unit)
     assert (tmp_path / "run" / "whatif.json").is_file()
+    costs = json.loads((tmp_path / "run" / "costs.json").read_text())  # what priced it; measured at start and end
+    assert set(costs) == {"used", "start", "end"}
+    assert (costs["used"]["draft"], costs["used"]["verify"], costs["used"]["round_cost"]) == (c, v, r)
+    assert costs["used"]["target_s"] == costs["start"]["target_s"] == pytest.approx(per_call[0])
+    assert costs["end"]["target_s"] > 0
 
 
 def _records(seed, rng):

@@ -45,6 +45,8 @@ class Benchmark:
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
         self.pair, self.heads = pair, {}
         self.costs: CostModel | None = None  # replay or priced: the cost model that prices the counts
+        # replay or priced: the same measurement at the start and again at the end (the drift of a shared machine)
+        self.measured_costs: dict[str, CostModel] = {}
         self.records: list[dict] = []
 
     @property
@@ -88,6 +90,8 @@ class Benchmark:
                         self.records.append(record)
                         for cb in self.callbacks:
                             cb.on_record(self, record)
+        if self.costs is not None:
+            self.measured_costs["end"] = measure_costs(self.pair.target, self.pair.draft)
         summary = summarize(self.records, self.cfg.bootstrap)
         if self.cfg.mode == "engine" and self.cfg.batch_size == 1 and not self.cfg.priced:  # fit to wall times
             fit_cost_model(self.records, summary)
@@ -142,7 +146,7 @@ class Benchmark:
         return stats
 
     def _cost_model(self) -> CostModel:
-        measured = measure_costs(self.pair.target, self.pair.draft)
+        measured = self.measured_costs["start"] = measure_costs(self.pair.target, self.pair.draft)
         given = {"draft": self.cfg.draft_cost, "verify": self.cfg.verify_cost, "round_cost": self.cfg.round_cost}
         return dataclasses.replace(measured, **{k: v for k, v in given.items() if v is not None})
 

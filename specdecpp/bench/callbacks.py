@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from .summary import format_summary, verdict
-
-if TYPE_CHECKING:
-    pass
 
 
 class Callback:
@@ -54,6 +51,9 @@ class JsonlWriter(Callback):
     def on_end(self, bench, summary):
         self.file.close()
         (bench.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if bench.costs is not None:  # what priced the run, and what was measured at its start and end
+            costs = {"used": bench.costs, **bench.measured_costs}
+            (bench.out_dir / "costs.json").write_text(json.dumps({k: asdict(v) for k, v in costs.items()}, indent=2))
         cols = [k for k in summary[0] if k not in ("params", "per_prompt_tokens_per_s")]
         with (bench.out_dir / "summary.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, cols, extrasaction="ignore")
@@ -176,12 +176,22 @@ class ConsoleSummary(Callback):
             line = verdict(bench.records, summary, dataset)
             if line:
                 print(line)
+        if {"start", "end"} <= set(bench.measured_costs):
+            print(cost_drift(bench.measured_costs["start"], bench.measured_costs["end"]))
         if bench.cfg.mode == "replay":
             engine_s = sum(r["total_s"] for r in bench.records)
             print(f"replay: {len(bench.records)} generations simulated; decoding them through the engine would take "
                   f"about {engine_s / 3600:.1f} h at the measured costs (prompt prefill not included)")
         print(f"\nrun directory: {bench.run_dir}  (records.jsonl, summary.csv/json, pareto_*.png, "
               f"tensorboard/: tensorboard --logdir {bench.run_dir / 'tensorboard'})")
+
+
+def cost_drift(start, end) -> str:
+    """One line: the cost model measured at a run's start against the same measurement at its end."""
+    parts = [f"{name} {getattr(start, f):.3f} -> {getattr(end, f):.3f}"
+             for name, f in (("c", "draft"), ("r", "round_cost"), ("v", "verify"))]
+    return (f"cost model drift over the run (start -> end): a target call {start.target_s * 1e3:.0f} -> "
+            f"{end.target_s * 1e3:.0f} ms, " + ", ".join(parts) + " (the run is priced by the start's, or as given)")
 
 
 def default_callbacks() -> list[Callback]:

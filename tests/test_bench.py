@@ -6,7 +6,7 @@ import torch
 from omegaconf.errors import ConfigKeyError
 
 import specdecpp.models
-from specdecpp.bench import Benchmark, PolicySpec, load_config, run_benchmark
+from specdecpp.bench import Benchmark, Callback, PolicySpec, default_callbacks, load_config, run_benchmark
 from specdecpp.costs import suggest_threshold
 from specdecpp.head import AcceptanceHead
 
@@ -328,3 +328,51 @@ def test_pareto_figure_draws_each_head_of_a_policy_as_its_own_hollow_series():
     assert len(lines["specdecpp"].get_xdata()) == len(lines["specdecpp (head-hidden)"].get_xdata()) == 2
     assert lines["specdecpp (head-hidden)"].get_markerfacecolor() == "none"
     assert lines["specdecpp"].get_markerfacecolor() != "none"
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped_and_prices_the_rest_alike(tmp_path, tiny_head):
+    """`resume=true` keeps an interrupted run's records, decodes only what they lack (a batch cut short again, the
+    line the interruption cut dropped), prices the rest by the same cost model, and refuses another config."""
+    from specdecpp.bench.callbacks import JsonlWriter
+
+    class Interrupt(Exception):
+        pass
+
+    class InterruptAfter(Callback):
+        def __init__(self, n=None):
+            self.n, self.seen = n, []
+
+        def on_record(self, bench, record):
+            self.seen.append(record)
+            if len(self.seen) == self.n:
+                raise Interrupt
+
+    c, v, r = 0.5, 0.1, 0.25
+    kw = dict(prompts_per_dataset=2, batch_size=2, temperature=1.0, priced=True, draft_cost=c, verify_cost=v,
+              round_cost=r)
+    with pytest.raises(Interrupt):  # 5 records: the first row of a batch of two is written, its second is not
+        run_benchmark(tiny_cfg(tmp_path, tiny_head, **kw), [JsonlWriter(), InterruptAfter(5)])
+    running = tmp_path / "run.running"
+    with (running / "records.jsonl").open("a") as f:
+        f.write('{"dataset": "alp')
+    with pytest.raises(ValueError, match=r"differs in \['max_new_tokens'\]"):
+        run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **{**kw, "max_new_tokens": 9}), [])
+    assert len((running / "records.jsonl").read_text().splitlines()) == 6  # a refused resume changes nothing
+
+    resumed = InterruptAfter()
+    total = Benchmark(tiny_cfg(tmp_path, tiny_head, **kw)).total
+    run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **kw), [*default_callbacks(), resumed])
+    assert len(resumed.seen) == total - 4  # the 4 records of whole batches kept, the cut batch decoded again
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    keys = [(x["dataset"], x["prompt_id"], x["seed"], x["setting"]) for x in records]
+    assert len(records) == total and len(set(keys)) == total and not running.exists()
+    per_call = [x["priced_s"] / (x["target_calls"] + r * x["verified_rounds"] + (c + v) * x["drafted"])
+                for x in records]
+    assert max(per_call) == pytest.approx(min(per_call))  # both parts priced by the first part's target call
+
+    fresh = tmp_path / "fresh"  # seeded per batch: the same counts as a run never interrupted
+    run_benchmark(tiny_cfg(fresh, tiny_head, **kw), [JsonlWriter()])
+    counts = lambda x: (x["new_tokens"], x["target_calls"], x["drafted"], x["accepted"])  # noqa: E731
+    alone = {(x["dataset"], x["prompt_id"], x["seed"], x["setting"]): counts(x)
+             for x in map(json.loads, (fresh / "run" / "records.jsonl").read_text().splitlines())}
+    assert {k: counts(x) for k, x in zip(keys, records)} == alone

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import shutil
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from ..atomic import replace_dir
 from ..costs import CostModel, fit_cost_model, measure_costs
@@ -19,7 +22,7 @@ from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig
 from .callbacks import Callback, default_callbacks
-from .config import BenchConfig, Setting, check_heads_match_draft, expand_settings
+from .config import BenchConfig, Setting, check_heads_match_draft, comparable, expand_settings
 from .summary import summarize
 
 
@@ -68,11 +71,14 @@ class Benchmark:
         return make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)), **setting.policy_params)
 
     def run(self) -> list[dict]:
+        self.records = self._resumed() if self.cfg.resume else []  # before the models load: a bad resume fails fast
         self._setup()
-        shutil.rmtree(self.out_dir, ignore_errors=True)  # what a failed earlier attempt left
-        self.out_dir.mkdir(parents=True)
-        if self.cfg.mode == "replay" or self.cfg.priced:
+        if not self.records:
+            shutil.rmtree(self.out_dir, ignore_errors=True)  # what a failed earlier attempt left
+            self.out_dir.mkdir(parents=True)
+        if (self.cfg.mode == "replay" or self.cfg.priced) and self.costs is None:
             self.costs = self._cost_model()
+        done = {_key(r) for r in self.records}
         for cb in self.callbacks:
             cb.on_start(self)
         if self.cfg.warmup and self.cfg.mode == "engine":  # first calls pay for allocation and kernel selection
@@ -83,6 +89,10 @@ class Benchmark:
             runs = self._replayed(dataset, prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
             for seed, pids, generate in runs:
                 for s in self.settings:  # interleaved per prompt (batch): machine noise hits every setting alike
+                    keys = {(dataset, self.cfg.prompt_offset + pid, seed, s.label) for pid in pids}
+                    if keys <= done:  # decoded before the run was interrupted
+                        continue
+                    self.records = [r for r in self.records if _key(r) not in keys]  # a batch cut short: again
                     for pid, (stats, policy) in zip(pids, generate(self.policy(s))):
                         record = {"dataset": dataset, "prompt_id": self.cfg.prompt_offset + pid, "seed": seed,
                                   "policy": s.name, "params": s.params, "setting": s.label, "mode": self.cfg.mode,
@@ -99,6 +109,33 @@ class Benchmark:
             cb.on_end(self, summary)
         self.out_dir = replace_dir(self.out_dir, self.run_dir)
         return summary
+
+    def _resumed(self) -> list[dict]:
+        """The records of the run interrupted in out_dir (and the cost model that priced them), if it had this config."""
+        records, config = self.out_dir / "records.jsonl", self.out_dir / "config.yaml"
+        if not (records.is_file() and config.is_file()):
+            print(f"resume: nothing to resume in {self.out_dir}; starting afresh")
+            return []
+        mine, theirs = comparable(OmegaConf.structured(self.cfg)), comparable(OmegaConf.load(config))
+        if mine != theirs:
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ValueError(f"resume: {self.out_dir} holds a run of another config (it differs in {differ}): "
+                             f"resume with that run's config, or drop resume=true to start afresh")
+        kept = []
+        for line in records.read_text().splitlines():
+            try:
+                kept.append(json.loads(line))
+            except json.JSONDecodeError:  # the line the interruption cut short
+                break
+        costs = self.out_dir / "costs.json"
+        if kept and costs.is_file():  # price the rest as the first part was priced
+            saved = {k: CostModel(**v) for k, v in json.loads(costs.read_text()).items()}
+            self.costs, self.measured_costs["start"] = saved["used"], saved["start"]
+        elif kept and (self.cfg.mode == "replay" or self.cfg.priced):
+            raise ValueError(f"resume: {costs} is missing, so the rest could not be priced as the first part was")
+        print(f"resume: {len(kept)} records kept from {self.out_dir}" + ("" if self.costs or not kept else
+              " (wall times from two processes: machine noise may differ between the parts)"))
+        return kept
 
     def _decoded(self, prompts: list[str]):
         """Engine mode: (seed, prompt ids, decode-and-time a batch of prompts under a policy) per batch and seed."""
@@ -149,6 +186,10 @@ class Benchmark:
         measured = self.measured_costs["start"] = measure_costs(self.pair.target, self.pair.draft)
         given = {"draft": self.cfg.draft_cost, "verify": self.cfg.verify_cost, "round_cost": self.cfg.round_cost}
         return dataclasses.replace(measured, **{k: v for k, v in given.items() if v is not None})
+
+
+def _key(record: dict) -> tuple:
+    return record["dataset"], record["prompt_id"], record["seed"], record["setting"]
 
 
 def run_benchmark(cfg: BenchConfig, callbacks: list[Callback] | None = None) -> list[dict]:

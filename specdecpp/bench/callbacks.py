@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..atomic import write_text
+
 from .summary import format_summary, verdict
 
 
@@ -27,7 +29,7 @@ class ProgressBar(Callback):
     def on_start(self, bench):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=bench.total, desc="bench", unit="gen")
+        self.bar = tqdm(total=bench.total, initial=len(bench.records), desc="bench", unit="gen")
 
     def on_record(self, bench, record):
         self.bar.set_postfix_str(f"{record['dataset']} {record['setting']} {record['tokens_per_s']:.1f} tok/s")
@@ -38,11 +40,14 @@ class ProgressBar(Callback):
 
 
 class JsonlWriter(Callback):
-    """records.jsonl as the run goes (nothing lost if it is interrupted), then summary.json and summary.csv."""
+    """config.yaml and records.jsonl as the run goes (nothing lost if it is interrupted: `resume=true` continues it),
+    costs.json (what prices the run) from its start; then summary.json and summary.csv."""
 
     def on_start(self, bench):
-        self.file = (bench.out_dir / "records.jsonl").open("w")
         (bench.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(bench.cfg)))
+        self._write_costs(bench)
+        self._write_records(bench)  # a resumed run's records (or none), then each new one as it comes
+        self.file = (bench.out_dir / "records.jsonl").open("a")
 
     def on_record(self, bench, record):
         self.file.write(json.dumps(record) + "\n")
@@ -50,15 +55,24 @@ class JsonlWriter(Callback):
 
     def on_end(self, bench, summary):
         self.file.close()
+        self._write_records(bench)  # the records the summary saw: none that a resumed run decoded again
         (bench.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if bench.costs is not None:  # what priced the run, and what was measured at its start and end
-            costs = {"used": bench.costs, **bench.measured_costs}
-            (bench.out_dir / "costs.json").write_text(json.dumps({k: asdict(v) for k, v in costs.items()}, indent=2))
+        self._write_costs(bench)
         cols = [k for k in summary[0] if k not in ("params", "per_prompt_tokens_per_s")]
         with (bench.out_dir / "summary.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(summary)
+
+    @staticmethod
+    def _write_records(bench):
+        write_text(bench.out_dir / "records.jsonl", "".join(json.dumps(r) + "\n" for r in bench.records))
+
+    @staticmethod
+    def _write_costs(bench):
+        if bench.costs is not None:  # what priced the run, and what was measured at its start (and end)
+            costs = {"used": bench.costs, **bench.measured_costs}
+            write_text(bench.out_dir / "costs.json", json.dumps({k: asdict(v) for k, v in costs.items()}, indent=2))
 
 
 class ParetoPlot(Callback):

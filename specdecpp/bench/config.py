@@ -44,6 +44,9 @@ class BenchConfig:
     warmup: bool = True
     out_dir: str = "runs/bench"
     overwrite: bool = False  # replace an earlier run in out_dir (only once this run has finished)
+    # continue the run that was interrupted in `<out_dir>.running`: keep its records, decode only what they lack
+    # (its config must match this one; a priced run keeps its cost model); nothing there: start afresh
+    resume: bool = False
     # "engine": decode every setting and time it; "replay": greedy only, simulate every setting from one pass of
     # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
     mode: str = "engine"
@@ -88,6 +91,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return OmegaConf.to_object(cfg)
+
+
+def comparable(cfg) -> dict:
+    """A config (structured, or as loaded from a run's config.yaml) as a plain dict on the current schema, without
+    the keys that may change when a run is resumed."""
+    full = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg))
+    return {k: v for k, v in full.items() if k not in ("resume", "overwrite")}
 
 
 def expand_settings(cfg: BenchConfig) -> list[Setting]:

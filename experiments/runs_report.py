@@ -3,6 +3,7 @@
     python experiments/runs_report.py runs/wallclock-confirm                      # one run
     python experiments/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
     python experiments/runs_report.py runs/qwen-greedy-replay --settings "constant k=2" "margin threshold=0.3"
+    python experiments/runs_report.py runs/qwen-t1-test.running --wall   # a run still going; wall times, not priced
 
 Reads each run's records.jsonl (several runs are pooled: their prompts must differ; two settings are compared on the
 prompts both decoded); prints, per dataset, the
@@ -17,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
-from specdecpp.bench.summary import paired_difference, stop_calibration, summarize
+from specdecpp.bench.summary import paired_difference, read_records, stop_calibration, summarize
 from specdecpp.costs import fit_cost_model, suggest_threshold
 
 
@@ -28,8 +28,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
+    ap.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
     args = ap.parse_args()
-    records = [json.loads(line) for run in args.runs for line in (run / "records.jsonl").read_text().splitlines()]
+    records = [r for run in args.runs for r in read_records(run)]
+    if args.wall:
+        if any(r.get("batch_size", 1) != 1 for r in records):
+            raise SystemExit("--wall needs batch-1 records: a batched row's wall time is its batch's")
+        records = [{**r, "charged_s": r["total_s"]} for r in records]
     if args.settings:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
     summary = summarize(records)

@@ -23,7 +23,7 @@ from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig
 from .callbacks import Callback, default_callbacks
 from .config import BenchConfig, Setting, check_heads_match_draft, comparable, expand_settings
-from .summary import summarize
+from .summary import read_records, summarize
 
 
 class Benchmark:
@@ -111,7 +111,7 @@ class Benchmark:
         return summary
 
     def _resumed(self) -> list[dict]:
-        """The records of the run interrupted in out_dir (and the cost model that priced them), if it had this config."""
+        """The interrupted run's records in out_dir (and the cost model that priced them), if it ran this config."""
         records, config = self.out_dir / "records.jsonl", self.out_dir / "config.yaml"
         if not (records.is_file() and config.is_file()):
             print(f"resume: nothing to resume in {self.out_dir}; starting afresh")
@@ -121,12 +121,7 @@ class Benchmark:
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             raise ValueError(f"resume: {self.out_dir} holds a run of another config (it differs in {differ}): "
                              f"resume with that run's config, or drop resume=true to start afresh")
-        kept = []
-        for line in records.read_text().splitlines():
-            try:
-                kept.append(json.loads(line))
-            except json.JSONDecodeError:  # the line the interruption cut short
-                break
+        kept = read_records(self.out_dir)
         costs = self.out_dir / "costs.json"
         if kept and costs.is_file():  # price the rest as the first part was priced
             saved = {k: CostModel(**v) for k, v in json.loads(costs.read_text()).items()}

@@ -12,7 +12,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..atomic import write_text
-
 from .summary import format_summary, verdict
 
 

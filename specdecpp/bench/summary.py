@@ -3,8 +3,23 @@ bootstrap intervals over prompts; and the console table."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..costs import CostModel, suggest_threshold, verified_rounds
 from ..stats import bootstrap_interval
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    """A run's records.jsonl (finished, or a `.running` one still going or interrupted: up to the first line that
+    was cut short)."""
+    records = []
+    for line in (Path(run_dir) / "records.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
 
 
 def _ratio(a, b):

@@ -20,7 +20,7 @@ import argparse
 import itertools
 from pathlib import Path
 
-from specdecpp.bench.summary import paired_difference, read_records, stop_calibration, summarize
+from specdecpp.bench.summary import paired_difference, read_run_records, stop_calibration, summarize
 from specdecpp.costs import fit_cost_model, suggest_threshold
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
     ap.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
     args = ap.parse_args()
-    records = [r for run in args.runs for r in read_records(run)]
+    records = [r for run in args.runs for r in read_run_records(run)]
     if args.wall:
         if any(r.get("batch_size", 1) != 1 for r in records):
             raise SystemExit("--wall needs batch-1 records: a batched row's wall time is its batch's")

@@ -23,7 +23,7 @@ from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig
 from .callbacks import Callback, default_callbacks
 from .config import BenchConfig, Setting, check_heads_match_draft, comparable, expand_settings
-from .summary import read_records, summarize
+from .summary import read_run_records, summarize
 
 
 class Benchmark:
@@ -121,7 +121,7 @@ class Benchmark:
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             raise ValueError(f"resume: {self.out_dir} holds a run of another config (it differs in {differ}): "
                              f"resume with that run's config, or drop resume=true to start afresh")
-        kept = read_records(self.out_dir)
+        kept = read_run_records(self.out_dir)
         costs = self.out_dir / "costs.json"
         if kept and costs.is_file():  # price the rest as the first part was priced
             saved = {k: CostModel(**v) for k, v in json.loads(costs.read_text()).items()}

@@ -10,7 +10,7 @@ from ..costs import CostModel, suggest_threshold, verified_rounds
 from ..stats import bootstrap_interval
 
 
-def read_records(run_dir: str | Path) -> list[dict]:
+def read_run_records(run_dir: str | Path) -> list[dict]:
     """A run's records.jsonl (finished, or a `.running` one still going or interrupted: up to the first line that
     was cut short)."""
     records = []

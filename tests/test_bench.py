@@ -286,15 +286,16 @@ def test_intervals_resample_prompts_not_seeds():
     assert hi2 - lo2 < 0.9 * (hi - lo)
 
 
-def test_prompt_offset_takes_later_prompts_and_keeps_their_ids(tmp_path, tiny_head):
+def test_prompt_offset_takes_later_prompts_keeps_their_ids_and_the_datasets_take_turns(tmp_path, tiny_head):
     from specdecpp.bench.benchmark import Benchmark
     from specdecpp.prompts import load_prompts
 
-    cfg = tiny_cfg(tmp_path, tiny_head, prompt_offset=3, prompts_per_dataset=2, datasets="[alpaca]")
+    cfg = tiny_cfg(tmp_path, tiny_head, prompt_offset=3, prompts_per_dataset=2, datasets="[alpaca,gsm8k]")
     bench = Benchmark(cfg, callbacks=[])
     assert bench.prompts["alpaca"] == load_prompts("alpaca", "test", 5)[3:]
     bench.run()
-    assert {r["prompt_id"] for r in bench.records} == {3, 4}
+    order = list(dict.fromkeys((r["dataset"], r["prompt_id"]) for r in bench.records))
+    assert order == [("alpaca", 3), ("gsm8k", 3), ("alpaca", 4), ("gsm8k", 4)]  # a run cut short has both sets
     with pytest.raises(ValueError, match="prompt_offset must be >= 0"):
         Benchmark(tiny_cfg(tmp_path, tiny_head, prompt_offset=-1))
     with pytest.raises(ValueError, match="humaneval: no prompts after prompt_offset 1000"):

@@ -85,21 +85,23 @@ class Benchmark:
             first = next(iter(self.prompts.values()))[: self.cfg.batch_size]
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
-        for dataset, prompts in self.prompts.items():
-            runs = self._replayed(dataset, prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
-            for seed, pids, generate in runs:
-                for s in self.settings:  # interleaved per prompt (batch): machine noise hits every setting alike
-                    keys = {(dataset, self.cfg.prompt_offset + pid, seed, s.label) for pid in pids}
-                    if keys <= done:  # decoded before the run was interrupted
-                        continue
-                    self.records = [r for r in self.records if _key(r) not in keys]  # a batch cut short: again
-                    for pid, (stats, policy) in zip(pids, generate(self.policy(s))):
-                        record = {"dataset": dataset, "prompt_id": self.cfg.prompt_offset + pid, "seed": seed,
-                                  "policy": s.name, "params": s.params, "setting": s.label, "mode": self.cfg.mode,
-                                  **stats.to_dict(), "stop_log": getattr(policy, "stop_log", None)}
-                        self.records.append(record)
-                        for cb in self.callbacks:
-                            cb.on_record(self, record)
+        units = [self._units(d, prompts) for d, prompts in self.prompts.items()]
+        # engine: the datasets take turns, batch by batch, so a run cut short has about as many prompts of each;
+        # replay: one after another (taking turns would hold a batch of traces per dataset in memory)
+        units = _round_robin(*units) if self.cfg.mode == "engine" else itertools.chain(*units)
+        for dataset, seed, pids, generate in units:
+            for s in self.settings:  # interleaved per prompt (batch): machine noise hits every setting alike
+                keys = {(dataset, self.cfg.prompt_offset + pid, seed, s.label) for pid in pids}
+                if keys <= done:  # decoded before the run was interrupted
+                    continue
+                self.records = [r for r in self.records if _key(r) not in keys]  # a batch cut short: again
+                for pid, (stats, policy) in zip(pids, generate(self.policy(s))):
+                    record = {"dataset": dataset, "prompt_id": self.cfg.prompt_offset + pid, "seed": seed,
+                              "policy": s.name, "params": s.params, "setting": s.label, "mode": self.cfg.mode,
+                              **stats.to_dict(), "stop_log": getattr(policy, "stop_log", None)}
+                    self.records.append(record)
+                    for cb in self.callbacks:
+                        cb.on_record(self, record)
         if self.costs is not None:
             self.measured_costs["end"] = measure_costs(self.pair.target, self.pair.draft)
         summary = summarize(self.records, self.cfg.bootstrap)
@@ -131,6 +133,12 @@ class Benchmark:
         print(f"resume: {len(kept)} records kept from {self.out_dir}" + ("" if self.costs or not kept else
               " (wall times from two processes: machine noise may differ between the parts)"))
         return kept
+
+    def _units(self, dataset: str, prompts: list[str]):
+        """(dataset, seed, prompt ids, run a policy on them) for each batch of one dataset."""
+        runs = self._replayed(dataset, prompts) if self.cfg.mode == "replay" else self._decoded(prompts)
+        for seed, pids, generate in runs:
+            yield dataset, seed, pids, generate
 
     def _decoded(self, prompts: list[str]):
         """Engine mode: (seed, prompt ids, decode-and-time a batch of prompts under a policy) per batch and seed."""
@@ -181,6 +189,17 @@ class Benchmark:
         measured = self.measured_costs["start"] = measure_costs(self.pair.target, self.pair.draft)
         given = {"draft": self.cfg.draft_cost, "verify": self.cfg.verify_cost, "round_cost": self.cfg.round_cost}
         return dataclasses.replace(measured, **{k: v for k, v in given.items() if v is not None})
+
+
+def _round_robin(*iterables):
+    """One item of each iterable in turn, until all are spent."""
+    iterators = [iter(it) for it in iterables]
+    while iterators:
+        for it in list(iterators):
+            try:
+                yield next(it)
+            except StopIteration:
+                iterators.remove(it)
 
 
 def _key(record: dict) -> tuple:

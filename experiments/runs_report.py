@@ -4,6 +4,7 @@
     python experiments/runs_report.py runs/wallclock-confirm runs/wallclock-confirm2   # pooled (same settings)
     python experiments/runs_report.py runs/qwen-greedy-replay --settings "constant k=2" "margin threshold=0.3"
     python experiments/runs_report.py runs/qwen-t1-test.running --wall   # a run still going; wall times, not priced
+    python experiments/runs_report.py runs/qwen-t1-test --price 0.05 0 0   # its counts at GPU-like costs
 
 Reads each run's records.jsonl (several runs are pooled: their prompts must differ; two settings are compared on the
 prompts both decoded); prints, per dataset, the
@@ -20,21 +21,22 @@ import argparse
 import itertools
 from pathlib import Path
 
-from specdecpp.bench.summary import paired_difference, read_run_records, stop_calibration, summarize
-from specdecpp.costs import fit_cost_model, suggest_threshold
+from specdecpp.bench.summary import paired_difference, read_run_records, repriced, stop_calibration, summarize
+from specdecpp.costs import CostModel, fit_cost_model, suggest_threshold
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
-    ap.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
+    how.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
+                     help="charge every record's counts at this cost model, in target calls (e.g. 0.05 0 0: GPU-like)")
     args = ap.parse_args()
     records = [r for run in args.runs for r in read_run_records(run)]
-    if args.wall:
-        if any(r.get("batch_size", 1) != 1 for r in records):
-            raise SystemExit("--wall needs batch-1 records: a batched row's wall time is its batch's")
-        records = [{**r, "charged_s": r["total_s"]} for r in records]
+    if args.wall or args.price:
+        records = repriced(records, CostModel(1.0, *args.price) if args.price else None)
     if args.settings:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
     summary = summarize(records)

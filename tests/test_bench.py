@@ -240,6 +240,27 @@ def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
         paired_difference(records + late + early, "alpaca", "constant k=5", "constant k=7")
 
 
+def test_records_repriced_at_another_cost_model_charge_their_counts_or_their_wall_time():
+    import numpy as np
+
+    from specdecpp.bench.summary import repriced, summarize
+    from specdecpp.costs import CostModel
+
+    records = [{**r, "total_s": r["charged_s"] * 2} for r in _records(0, np.random.default_rng(0))]
+    per_call = {r["setting"]: r for r in summarize(repriced(records, CostModel(1.0, 0.0, 0.0, 0.0)))}
+    for setting in ("constant k=1", "constant k=3"):  # free drafts: speedup = tokens per target call (target: 1)
+        rs = [r for r in records if r["setting"] == setting]
+        assert per_call[setting]["speedup"] == pytest.approx(
+            sum(r["new_tokens"] for r in rs) / sum(r["target_calls"] for r in rs))
+    c, v, rc = 0.3, 0.1, 0.5
+    x = repriced(records, CostModel(2.0, c, v, rc))[5]
+    calls = x["target_calls"] + rc * x["verified_rounds"] + (c + v) * x["drafted"]
+    assert x["charged_s"] == pytest.approx(2.0 * calls)
+    assert [r["charged_s"] for r in repriced(records, None)] == [r["total_s"] for r in records]
+    with pytest.raises(ValueError, match="batch-1"):
+        repriced([{**records[0], "batch_size": 4}], None)
+
+
 def test_stop_calibration_is_kept_apart_per_dataset_and_setting():
     from specdecpp.bench.summary import stop_calibration
 

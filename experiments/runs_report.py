@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
+
+from _report import report
 
 from specdecpp.bench.summary import paired_difference, read_run_records, repriced, stop_calibration, summarize
 from specdecpp.costs import CostModel, fit_cost_model, suggest_threshold
@@ -29,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
+    ap.add_argument("--out", type=Path, help="also write the report here (markdown: the command, then the report)")
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
     how.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
@@ -42,30 +46,35 @@ def main() -> None:
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
     calibration = stop_calibration(records)
+    lines = []
     for dataset in sorted({r["dataset"] for r in records}):
         settings = [r["setting"] for r in summary if r["dataset"] == dataset and r["policy"] != "target"]
-        print(f"== {dataset} ({', '.join(map(str, args.runs))})")
+        lines.append(f"== {dataset} ({', '.join(map(str, args.runs))})")
         for row in summary:
             if row["dataset"] == dataset:
-                print(f"  {row['setting']}: {row['speedup']:.3f}x [{row['speedup_ci'][0]:.3f}, "
-                      f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; {row['tokens_per_s']:.2f} "
-                      f"tokens/s, {row['mean_acceptance_length']:.2f} tokens per target call, "
-                      f"{row['discard_rate']:.2f} drafted tokens discarded per token")
+                lines.append(f"  {row['setting']}: {row['speedup']:.3f}x [{row['speedup_ci'][0]:.3f}, "
+                             f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; "
+                             f"{row['tokens_per_s']:.2f} tokens/s, {row['mean_acceptance_length']:.2f} tokens per "
+                             f"target call, {row['discard_rate']:.2f} drafted tokens discarded per token")
                 for stop in calibration:  # a rejection rule's P(>= 1 rejection) when the round ended vs verification
                     if (stop["dataset"], stop["setting"]) == (dataset, row["setting"]):
-                        print(f"    {stop['rounds']} rounds scored by the predictor: predicted P(>= 1 rejection) "
-                              f"{stop['predicted']:.3f}, realised {stop['realised']:.3f}")
+                        lines.append(f"    {stop['rounds']} rounds scored by the predictor: predicted "
+                                     f"P(>= 1 rejection) {stop['predicted']:.3f}, realised {stop['realised']:.3f}")
         prompts = {s: {r["prompt_id"] for r in records if r["dataset"] == dataset and r["setting"] == s}
                    for s in settings}
         for a, b in itertools.combinations(settings, 2):
             shared = len(prompts[a] & prompts[b])
             if shared:  # pooled runs: a setting of one run only meets the others on that run's prompts
                 d, (lo, hi) = paired_difference(records, dataset, a, b)
-                print(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
+                lines.append(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
         t_d, t_t, t_r = fits[dataset]
-        print(f"  cost fit: {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, {t_r * 1e3:+.1f} ms "
-              f"a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target calls; Theorem 3.1 at these "
-              f"costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
+        lines.append(f"  cost fit (wall times): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, "
+                     f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "
+                     f"calls; Theorem 3.1 at these costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:  # the page says which command made it
+        report(f"`python {' '.join(sys.argv)}`\n\n```\n{text}\n```", args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:  # the page says which command made it
-        report(f"`python {' '.join(sys.argv)}`\n\n```\n{text}\n```", args.out)
+        report(f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```", args.out)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def main() -> None:
                      f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "
                      f"calls; Theorem 3.1 at these costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
     text = "\n".join(lines)
-    print(text)
     if args.out:  # the page says which command made it
-        report(f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```", args.out)
+        text = f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```"
+    report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from _report import report
 
-from specdecpp.bench.summary import paired_difference
+from specdecpp.bench.summary import paired_difference, read_run_records
 from specdecpp.plots import variant
 
 
 def load(run: Path) -> tuple[list[dict], list[dict]]:
     summary = json.loads((run / "summary.json").read_text())
-    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    records = read_run_records(run)
     return summary, records
 
 

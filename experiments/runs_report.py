@@ -25,7 +25,14 @@ from pathlib import Path
 
 from _report import report
 
-from specdecpp.bench.summary import paired_difference, read_run_records, repriced, stop_calibration, summarize
+from specdecpp.bench.summary import (
+    at_wall_time,
+    paired_difference,
+    read_run_records,
+    repriced,
+    stop_calibration,
+    summarize,
+)
 from specdecpp.costs import CostModel, fit_cost_model, suggest_threshold
 
 
@@ -40,8 +47,10 @@ def main() -> None:
                      help="charge every record's counts at this cost model, in target calls (e.g. 0.05 0 0: GPU-like)")
     args = ap.parse_args()
     records = [r for run in args.runs for r in read_run_records(run)]
-    if args.wall or args.price:
-        records = repriced(records, CostModel(1.0, *args.price) if args.price else None)
+    if args.wall:
+        records = at_wall_time(records)
+    elif args.price:
+        records = repriced(records, CostModel(1.0, *args.price))
     if args.settings:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
     summary = summarize(records)

@@ -9,16 +9,17 @@ change what a stored run counted.) Times are ignored.
     python experiments/same_counts.py /tmp/stored /tmp/new
 """
 
-import json
 import sys
 from pathlib import Path
+
+from specdecpp.bench.summary import read_run_records
 
 KEYS = ["dataset", "prompt_id", "seed", "setting", "new_tokens", "target_calls", "draft_calls", "drafted", "accepted",
         "discarded", "verified_rounds", "round_detail", "stop_log", "wasted_draft_steps"]
 
 
 def counts(run: Path) -> list[dict]:
-    return [{k: r.get(k) for k in KEYS} for r in map(json.loads, (run / "records.jsonl").read_text().splitlines())]
+    return [{k: r.get(k) for k in KEYS} for r in read_run_records(run)]
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
 def test_records_repriced_at_another_cost_model_charge_their_counts_or_their_wall_time():
     import numpy as np
 
-    from specdecpp.bench.summary import repriced, summarize
+    from specdecpp.bench.summary import at_wall_time, repriced, summarize
     from specdecpp.costs import CostModel
 
     records = [{**r, "total_s": r["charged_s"] * 2} for r in _records(0, np.random.default_rng(0))]
@@ -256,9 +256,9 @@ def test_records_repriced_at_another_cost_model_charge_their_counts_or_their_wal
     x = repriced(records, CostModel(2.0, c, v, rc))[5]
     calls = x["target_calls"] + rc * x["verified_rounds"] + (c + v) * x["drafted"]
     assert x["charged_s"] == pytest.approx(2.0 * calls)
-    assert [r["charged_s"] for r in repriced(records, None)] == [r["total_s"] for r in records]
+    assert [r["charged_s"] for r in at_wall_time(records)] == [r["total_s"] for r in records]
     with pytest.raises(ValueError, match="batch-1"):
-        repriced([{**records[0], "batch_size": 4}], None)
+        at_wall_time([{**records[0], "batch_size": 4}])
 
 
 def test_stop_calibration_is_kept_apart_per_dataset_and_setting():

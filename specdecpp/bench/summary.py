@@ -22,15 +22,17 @@ def read_run_records(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def repriced(records: list[dict], costs: CostModel | None) -> list[dict]:
+def repriced(records: list[dict], costs: CostModel) -> list[dict]:
     """The records charged at another cost model from their counts (target calls, verifying calls, drafted
-    tokens): the same decoding under another machine's costs. None: charged their wall time instead (batch 1 only:
-    a batched row's wall time is its batch's)."""
-    if costs is None:
-        if any(r.get("batch_size", 1) != 1 for r in records):
-            raise ValueError("wall times compare only batch-1 records: a batched row's wall time is its batch's")
-        return [{**r, "charged_s": r["total_s"]} for r in records]
+    tokens): the same decoding under another machine's costs."""
     return [{**r, "charged_s": costs.seconds(r["target_calls"], r["drafted"], verified_rounds(r))} for r in records]
+
+
+def at_wall_time(records: list[dict]) -> list[dict]:
+    """The records charged their wall time (a priced run's too); batch 1 only: a batched row's is its batch's."""
+    if any(r.get("batch_size", 1) != 1 for r in records):
+        raise ValueError("wall times compare only batch-1 records: a batched row's wall time is its batch's")
+    return [{**r, "charged_s": r["total_s"]} for r in records]
 
 
 def _ratio(a, b):

@@ -10,7 +10,8 @@ Reads each run's records.jsonl (several runs are pooled: their prompts must diff
 prompts both decoded); prints, per dataset, the
 speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
-had a rejection), the speedup difference of each pair of settings with its 95% bootstrap interval over prompts
+had a rejection), the speedup difference of each pair of settings (the later-listed minus the earlier, so a config
+that lists its baselines first reads as 'new minus baseline') with its 95% bootstrap interval over prompts
 (bench/summary.py's paired_difference) and the fit T = t_draft D + t_target R + t_round V
 (costs.fit_cost_model) in target calls.
 """
@@ -18,7 +19,6 @@ had a rejection), the speedup difference of each pair of settings with its 95% b
 from __future__ import annotations
 
 import argparse
-import itertools
 import shlex
 import sys
 from pathlib import Path
@@ -53,6 +53,12 @@ def main() -> None:
         records = repriced(records, CostModel(1.0, *args.price))
     if args.settings:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
+    if args.price:  # the cost model's unit is a one-token target call
+        rate = "tokens per target call's time"
+    elif not args.wall and all(r.get("priced_s") == r["charged_s"] for r in records):
+        rate = "tokens per priced second"
+    else:
+        rate = "tokens/s"
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
     calibration = stop_calibration(records)
@@ -64,7 +70,7 @@ def main() -> None:
             if row["dataset"] == dataset:
                 lines.append(f"  {row['setting']}: {row['speedup']:.3f}x [{row['speedup_ci'][0]:.3f}, "
                              f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; "
-                             f"{row['tokens_per_s']:.2f} tokens/s, {row['mean_acceptance_length']:.2f} tokens per "
+                             f"{row['tokens_per_s']:.2f} {rate}, {row['mean_acceptance_length']:.2f} tokens per "
                              f"target call, {row['discard_rate']:.2f} drafted tokens discarded per token")
                 for stop in calibration:  # a rejection rule's P(>= 1 rejection) when the round ended vs verification
                     if (stop["dataset"], stop["setting"]) == (dataset, row["setting"]):
@@ -72,11 +78,12 @@ def main() -> None:
                                      f"P(>= 1 rejection) {stop['predicted']:.3f}, realised {stop['realised']:.3f}")
         prompts = {s: {r["prompt_id"] for r in records if r["dataset"] == dataset and r["setting"] == s}
                    for s in settings}
-        for a, b in itertools.combinations(settings, 2):
+        lines.append("  paired differences: each setting minus every one listed before it (baselines come first)")
+        for b, a in ((b, a) for j, b in enumerate(settings) for a in settings[:j]):
             shared = len(prompts[a] & prompts[b])
             if shared:  # pooled runs: a setting of one run only meets the others on that run's prompts
-                d, (lo, hi) = paired_difference(records, dataset, a, b)
-                lines.append(f"  {a} - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
+                d, (lo, hi) = paired_difference(records, dataset, b, a)
+                lines.append(f"  {b} - {a}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
         t_d, t_t, t_r = fits[dataset]
         lines.append(f"  cost fit (wall times): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, "
                      f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "

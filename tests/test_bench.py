@@ -7,6 +7,7 @@ from omegaconf.errors import ConfigKeyError
 
 import specdecpp.models
 from specdecpp.bench import Benchmark, Callback, PolicySpec, default_callbacks, load_config, run_benchmark
+from specdecpp.bench.config import expand_settings
 from specdecpp.costs import suggest_threshold
 from specdecpp.head import AcceptanceHead
 
@@ -121,6 +122,12 @@ def test_notebook_executes_on_the_tiny_runs(tiny_sweep, tiny_train_run, monkeypa
 def test_replay_is_refused_at_temperature_above_zero(tmp_path, tiny_head):
     with pytest.raises(ValueError, match="exact for greedy decoding only"):
         Benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", temperature=1.0))
+
+
+def test_costs_given_to_a_timed_engine_run_are_refused_not_ignored(tmp_path, tiny_head, no_model_loading):
+    with pytest.raises(ValueError, match="draft_cost, round_cost price a run's counts"):
+        Benchmark(tiny_cfg(tmp_path, tiny_head, draft_cost=0.1, round_cost=0.5))
+    assert expand_settings(tiny_cfg(tmp_path, tiny_head, draft_cost=0.1, round_cost=0.5, priced=True))  # used
 
 
 def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path, tiny_head, tiny_sweep):

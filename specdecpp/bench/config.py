@@ -125,6 +125,10 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
     if cfg.mode == "replay" and cfg.temperature != 0:
         raise ValueError(f"replay is exact for greedy decoding only (temperature 0), got temperature "
                          f"{cfg.temperature}: set temperature: 0, or mode: engine to decode and time every setting")
+    given = [k for k in ("draft_cost", "verify_cost", "round_cost") if getattr(cfg, k) is not None]
+    if given and cfg.mode == "engine" and not cfg.priced:
+        raise ValueError(f"{', '.join(given)} price a run's counts, and this engine run is timed, not priced: set "
+                         f"priced: true to charge its generations at that cost model, or remove them")
     if any(s.name == "specdecpp" and not s.head_path(cfg.head) for s in settings):
         raise ValueError("policy 'specdecpp' needs `head` (or params.head): the directory of an exported "
                          "acceptance head")

@@ -5,6 +5,7 @@
     python experiments/runs_report.py runs/qwen-greedy-replay --settings "constant k=2" "margin threshold=0.3"
     python experiments/runs_report.py runs/qwen-t1-test.running --wall   # a run still going; wall times, not priced
     python experiments/runs_report.py runs/qwen-t1-test --price 0.05 0 0   # its counts at GPU-like costs
+    python experiments/runs_report.py runs/qwen-t1-test --plot docs/qwen-t1-test-speedup   # and a figure per set
 
 Reads each run's records.jsonl (several runs are pooled: their prompts must differ; two settings are compared on the
 prompts both decoded); prints, per dataset, the
@@ -34,6 +35,7 @@ from specdecpp.bench.summary import (
     summarize,
 )
 from specdecpp.costs import CostModel, fit_cost_model, suggest_threshold
+from specdecpp.plots import save, speedup_figure
 
 
 def main() -> None:
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
     ap.add_argument("--out", type=Path, help="also write the report here (markdown: the command, then the report)")
+    ap.add_argument("--plot", type=Path, metavar="PREFIX",
+                    help="also draw each dataset's speedups with their intervals to PREFIX_<dataset>.png")
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
     how.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
@@ -88,6 +92,11 @@ def main() -> None:
         lines.append(f"  cost fit (wall times): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, "
                      f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "
                      f"calls; Theorem 3.1 at these costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
+    for dataset in sorted({r["dataset"] for r in records}) if args.plot else ():
+        what = f"{dataset}, " + (f"priced at c {args.price[0]:g}, v {args.price[1]:g}, r {args.price[2]:g}"
+                                 if args.price else "priced" if rate.endswith("priced second") else "wall time")
+        fig = speedup_figure([r for r in summary if r["dataset"] == dataset], title=what)
+        lines.append(f"figure: {save(fig, Path(f'{args.plot}_{Path(dataset).stem}.png'))}")
     text = "\n".join(lines)
     if args.out:  # the page says which command made it
         text = f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```"

@@ -1,4 +1,5 @@
-"""Figures people would rather look at than read: reliability diagrams (and, in the benchmark, Pareto fronts)."""
+"""Figures people would rather look at than read: reliability diagrams and, in the benchmark, Pareto fronts,
+speedups with their intervals, stop calibration and what-if curves."""
 
 from __future__ import annotations
 
@@ -77,6 +78,26 @@ def pareto_figure(rows: list[dict], title: str = ""):
            title=f"Pareto: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def speedup_figure(rows: list[dict], title: str = ""):
+    """Each setting's speedup over target-only with its 95% interval over prompts, one row per setting in the run's
+    order (target-only, the 1.0 line, left out), coloured by policy: the intervals that overlap are read at a glance."""
+    rows = [r for r in rows if r["policy"] != "target"]
+    fig = Figure(figsize=(6, 1.2 + 0.32 * len(rows)))
+    ax = fig.subplots()
+    ax.axvline(1.0, ls="--", c="grey", lw=1, label="target-only")
+    for y, r in enumerate(rows):
+        marker, color = style(r["policy"])
+        lo, hi = r.get("speedup_ci") or (r["speedup"], r["speedup"])
+        ax.errorbar([r["speedup"]], [y], xerr=[[r["speedup"] - lo], [hi - r["speedup"]]], fmt=marker, color=color,
+                    ms=9 if marker == "*" else 6, capsize=3)
+    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=7)
+    ax.invert_yaxis()  # the run's first setting on top
+    ax.set(xlabel="speedup over target-only (95% interval over prompts)", title=f"speedup: {title}")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
 

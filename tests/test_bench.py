@@ -39,7 +39,7 @@ def test_tiny_sweep_writes_every_output_and_measures_speedup_side_by_side(tiny_s
     summary, run = tiny_sweep
     for name in ["records.jsonl", "summary.csv", "summary.json", "config.yaml", "stop_calibration.json",
                  *[f"{kind}_{d}.png" for d in ("alpaca", "humaneval", "gsm8k")
-                   for kind in ("pareto", "stop_calibration")]]:
+                   for kind in ("pareto", "speedup", "stop_calibration")]]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
@@ -341,6 +341,19 @@ def test_pareto_figure_draws_every_policy_in_the_rows_each_in_its_own_colour():
     assert labels == ["constant", "specdecpp", "online_confidence", "a_new_rule"]
     colours = [line.get_color() for line in ax.get_lines() if line.get_label() in labels]
     assert len(set(colours)) == 4
+
+
+def test_speedup_figure_draws_each_setting_with_its_interval_and_leaves_out_target_only():
+    from specdecpp.plots import speedup_figure
+
+    rows = [{"policy": "target", "setting": "target", "speedup": 1.0, "speedup_ci": (1.0, 1.0)},
+            {"policy": "constant", "setting": "constant k=3", "speedup": 0.8, "speedup_ci": (0.7, 0.9)},
+            {"policy": "specdecpp", "setting": "specdecpp threshold=0.5", "speedup": 1.2, "speedup_ci": (1.1, 1.4)}]
+    ax = speedup_figure(rows).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["constant k=3", "specdecpp threshold=0.5"]
+    bars = [c for c in ax.collections if len(c.get_segments()) == 1]  # each errorbar's horizontal segment
+    spans = sorted(tuple(sorted(float(x) for x in c.get_segments()[0][:, 0])) for c in bars)
+    assert spans == [pytest.approx((0.7, 0.9)), pytest.approx((1.1, 1.4))]
 
 
 def test_pareto_figure_draws_each_head_of_a_policy_as_its_own_hollow_series():

@@ -87,6 +87,17 @@ class ParetoPlot(Callback):
             self.figures[dataset] = fig
 
 
+class SpeedupPlot(Callback):
+    """speedup_<dataset>.png: every setting's speedup over target-only with its 95% interval over prompts."""
+
+    def on_end(self, bench, summary):
+        from ..plots import save, speedup_figure
+
+        for dataset in bench.prompts:
+            fig = speedup_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}")
+            save(fig, bench.out_dir / f"speedup_{Path(dataset).stem}.png")
+
+
 class TensorBoardLogger(Callback):
     """Scalars per setting (tokens/s, speedup, verification and discard rates) and the Pareto figures."""
 
@@ -208,5 +219,5 @@ def cost_drift(start, end) -> str:
 
 
 def default_callbacks() -> list[Callback]:
-    return [ProgressBar(), JsonlWriter(), ParetoPlot(), TensorBoardLogger(), StopCalibration(), WhatIf(),
+    return [ProgressBar(), JsonlWriter(), ParetoPlot(), SpeedupPlot(), TensorBoardLogger(), StopCalibration(), WhatIf(),
             SignalReport(), ConsoleSummary()]

@@ -206,7 +206,7 @@ class ConsoleSummary(Callback):
             engine_s = sum(r["total_s"] for r in bench.records)
             print(f"replay: {len(bench.records)} generations simulated; decoding them through the engine would take "
                   f"about {engine_s / 3600:.1f} h at the measured costs (prompt prefill not included)")
-        print(f"\nrun directory: {bench.run_dir}  (records.jsonl, summary.csv/json, pareto_*.png, "
+        print(f"\nrun directory: {bench.run_dir}  (records.jsonl, summary.csv/json, pareto_*.png, speedup_*.png, "
               f"tensorboard/: tensorboard --logdir {bench.run_dir / 'tensorboard'})")
 
 

@@ -57,12 +57,12 @@ def main() -> None:
         records = repriced(records, CostModel(1.0, *args.price))
     if args.settings:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
-    if args.price:  # the cost model's unit is a one-token target call
-        rate = "tokens per target call's time"
+    if args.price:  # what the seconds are, for the rate's unit and the figures' titles
+        rate, basis = "tokens per target call's time", "priced at c {:g}, v {:g}, r {:g}".format(*args.price)
     elif not args.wall and all(r.get("priced_s") == r["charged_s"] for r in records):
-        rate = "tokens per priced second"
+        rate, basis = "tokens per priced second", "priced by the run's cost model"
     else:
-        rate = "tokens/s"
+        rate, basis = "tokens/s", "wall time"
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
     calibration = stop_calibration(records)
@@ -92,11 +92,9 @@ def main() -> None:
         lines.append(f"  cost fit (wall times): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, "
                      f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "
                      f"calls; Theorem 3.1 at these costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
-    for dataset in sorted({r["dataset"] for r in records}) if args.plot else ():
-        what = f"{dataset}, " + (f"priced at c {args.price[0]:g}, v {args.price[1]:g}, r {args.price[2]:g}"
-                                 if args.price else "priced" if rate.endswith("priced second") else "wall time")
-        fig = speedup_figure([r for r in summary if r["dataset"] == dataset], title=what)
-        lines.append(f"figure: {save(fig, Path(f'{args.plot}_{Path(dataset).stem}.png'))}")
+        if args.plot:
+            fig = speedup_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}, {basis}")
+            lines.append(f"  figure: {save(fig, Path(f'{args.plot}_{Path(dataset).stem}.png'))}")
     text = "\n".join(lines)
     if args.out:  # the page says which command made it
         text = f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```"

@@ -88,7 +88,7 @@ def speedup_figure(rows: list[dict], title: str = ""):
     rows = [r for r in rows if r["policy"] != "target"]
     fig = Figure(figsize=(6, 1.2 + 0.32 * len(rows)))
     ax = fig.subplots()
-    ax.axvline(1.0, ls="--", c="grey", lw=1, label="target-only")
+    ax.axvline(1.0, ls="--", c="grey", lw=1)  # target-only
     for y, r in enumerate(rows):
         marker, color = style(r["policy"])
         lo, hi = r.get("speedup_ci") or (r["speedup"], r["speedup"])

@@ -7,8 +7,9 @@
     python experiments/runs_report.py runs/qwen-t1-test --price 0.05 0 0   # its counts at GPU-like costs
     python experiments/runs_report.py runs/qwen-t1-test --plot docs/qwen-t1-test-speedup   # and a figure per set
 
-Reads each run's records.jsonl (several runs are pooled: their prompts must differ; two settings are compared on the
-prompts both decoded); prints, per dataset, the
+Reads each run's records.jsonl (several runs are pooled, a generation that two runs hold counted once, the first-listed
+run's: a run of one new setting on the same prompts pools with an earlier run's baselines; two settings are compared on
+the prompts both decoded); prints, per dataset, the
 speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
 had a rejection), the speedup difference of each pair of settings (the later-listed minus the earlier, so a config
@@ -29,6 +30,7 @@ from _report import report
 from specdecpp.bench.summary import (
     at_wall_time,
     paired_difference,
+    pool_runs,
     read_run_records,
     repriced,
     stop_calibration,
@@ -50,7 +52,7 @@ def main() -> None:
     how.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
                      help="charge every record's counts at this cost model, in target calls (e.g. 0.05 0 0: GPU-like)")
     args = ap.parse_args()
-    records = [r for run in args.runs for r in read_run_records(run)]
+    records, repeats = pool_runs([read_run_records(run) for run in args.runs])
     if args.wall:
         records = at_wall_time(records)
     elif args.price:
@@ -66,7 +68,8 @@ def main() -> None:
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
     calibration = stop_calibration(records)
-    lines = []
+    lines = [f"(pooled runs: {repeats} generations an earlier-listed run also held were counted once, its)"] \
+        if repeats else []
     for dataset in sorted({r["dataset"] for r in records}):
         settings = [r["setting"] for r in summary if r["dataset"] == dataset and r["policy"] != "target"]
         lines.append(f"== {dataset} ({', '.join(map(str, args.runs))})")

@@ -247,6 +247,27 @@ def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
         paired_difference(records + late + early, "alpaca", "constant k=5", "constant k=7")
 
 
+def test_pooled_runs_count_a_generation_two_runs_hold_once_the_first_runs():
+    import numpy as np
+
+    from specdecpp.bench.summary import paired_difference, pool_runs, summarize
+
+    first = _records(0, np.random.default_rng(0))
+    rerun = _records(0, np.random.default_rng(1))  # the same prompts and seed, other lengths and times
+    oracle = [{**r, "policy": "oracle", "setting": "oracle"} for r in rerun if r["setting"] == "constant k=3"]
+    pooled, repeats = pool_runs([first, [r for r in rerun if r["setting"] == "target"] + oracle])
+    assert repeats == 12 and len(pooled) == len(first) + 12
+    assert [r for r in pooled if r["setting"] != "oracle"] == first  # every baseline row is the first run's
+    rows = {r["setting"]: r for r in summarize(pooled)}
+    base_per_s = sum(r["new_tokens"] for r in first if r["policy"] == "target") / sum(
+        r["charged_s"] for r in first if r["policy"] == "target")
+    assert rows["oracle"]["speedup"] == pytest.approx(rows["oracle"]["tokens_per_s"] / base_per_s)
+    assert rows["target"]["prompts"] == 12
+    d, _ = paired_difference(pooled, "alpaca", "oracle", "constant k=1")
+    assert d == pytest.approx(rows["oracle"]["speedup"] - rows["constant k=1"]["speedup"])
+    assert pool_runs([first, first[:5]]) == (first, 5)
+
+
 def test_records_repriced_at_another_cost_model_charge_their_counts_or_their_wall_time():
     import numpy as np
 

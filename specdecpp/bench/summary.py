@@ -22,6 +22,18 @@ def read_run_records(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def pool_runs(runs: list[list[dict]]) -> tuple[list[dict], int]:
+    """Several runs' records as one list, each generation (dataset, setting, prompt, seed) counted once: the
+    first-listed run's. Two runs of the same prompts share their target-only rows, so a run of one new setting
+    (an oracle, say) pools with an earlier run's baselines. Returns the records and how many repeats were dropped."""
+    seen, pooled = set(), []
+    for records in runs:
+        new = [r for r in records if (r["dataset"], r["setting"], r["prompt_id"], r["seed"]) not in seen]
+        seen |= {(r["dataset"], r["setting"], r["prompt_id"], r["seed"]) for r in records}
+        pooled += new
+    return pooled, sum(map(len, runs)) - len(pooled)
+
+
 def repriced(records: list[dict], costs: CostModel) -> list[dict]:
     """The records charged at another cost model from their counts (target calls, verifying calls, drafted
     tokens): the same decoding under another machine's costs."""

@@ -74,28 +74,41 @@ class JsonlWriter(Callback):
             write_text(bench.out_dir / "costs.json", json.dumps({k: asdict(v) for k, v in costs.items()}, indent=2))
 
 
-class ParetoPlot(Callback):
+class PerSetFigure(Callback):
+    """<name>_<dataset>.png: one figure per dataset of its summary rows, drawn by `draw`."""
+
+    name = ""
+
+    def draw(self, rows: list[dict], title: str): ...
+
+    def on_end(self, bench, summary):
+        from ..plots import save
+
+        for dataset in bench.prompts:
+            fig = self.draw([r for r in summary if r["dataset"] == dataset], title=dataset)
+            save(fig, bench.out_dir / f"{self.name}_{Path(dataset).stem}.png")
+
+
+class ParetoPlot(PerSetFigure):
     """pareto_<dataset>.png: discard rate against verification rate (lower left is better), one marker per policy."""
 
-    def on_end(self, bench, summary):
-        from ..plots import pareto_figure, save
+    name = "pareto"
 
-        self.figures = {}
-        for dataset in bench.prompts:
-            fig = pareto_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}")
-            save(fig, bench.out_dir / f"pareto_{Path(dataset).stem}.png")
-            self.figures[dataset] = fig
+    def draw(self, rows, title):
+        from ..plots import pareto_figure
+
+        return pareto_figure(rows, title=title)
 
 
-class SpeedupPlot(Callback):
+class SpeedupPlot(PerSetFigure):
     """speedup_<dataset>.png: every setting's speedup over target-only with its 95% interval over prompts."""
 
-    def on_end(self, bench, summary):
-        from ..plots import save, speedup_figure
+    name = "speedup"
 
-        for dataset in bench.prompts:
-            fig = speedup_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}")
-            save(fig, bench.out_dir / f"speedup_{Path(dataset).stem}.png")
+    def draw(self, rows, title):
+        from ..plots import speedup_figure
+
+        return speedup_figure(rows, title=title)
 
 
 class TensorBoardLogger(Callback):

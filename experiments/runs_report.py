@@ -14,7 +14,8 @@ speedup of each setting (with tokens/s, tokens per target call, discard rate, an
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
 had a rejection), the speedup difference of each pair of settings (the later-listed minus the earlier, so a config
 that lists its baselines first reads as 'new minus baseline') with its 95% bootstrap interval over prompts
-(bench/summary.py's paired_difference) and the fit T = t_draft D + t_target R + t_round V
+(bench/summary.py's paired_difference), where an oracle ran beside constant K each setting's share of the room between
+the best constant K and the oracle (paired_gap_closed), and the fit T = t_draft D + t_target R + t_round V
 (costs.fit_cost_model) in target calls.
 """
 
@@ -30,6 +31,7 @@ from _report import report
 from specdecpp.bench.summary import (
     at_wall_time,
     paired_difference,
+    paired_gap_closed,
     pool_runs,
     read_run_records,
     repriced,
@@ -68,8 +70,8 @@ def main() -> None:
     summary = summarize(records)
     fits = fit_cost_model(records, summary)
     calibration = stop_calibration(records)
-    lines = [f"(pooled runs: {repeats} generations an earlier-listed run also held were counted once, its)"] \
-        if repeats else []
+    lines = [f"(pooled runs: {repeats} generations held by more than one run are counted once, the first-listed "
+             f"run's)"] if repeats else []
     for dataset in sorted({r["dataset"] for r in records}):
         settings = [r["setting"] for r in summary if r["dataset"] == dataset and r["policy"] != "target"]
         lines.append(f"== {dataset} ({', '.join(map(str, args.runs))})")
@@ -91,6 +93,15 @@ def main() -> None:
             if shared:  # pooled runs: a setting of one run only meets the others on that run's prompts
                 d, (lo, hi) = paired_difference(records, dataset, b, a)
                 lines.append(f"  {b} - {a}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {shared} prompts")
+        rows = {r["setting"]: r for r in summary if r["dataset"] == dataset}
+        constants = [s for s in settings if rows[s]["policy"] == "constant"]
+        for oracle in (s for s in settings if rows[s]["policy"] == "oracle" and constants):
+            best = max(constants, key=lambda s: rows[s]["speedup"])  # in hindsight, as the verdicts pick it
+            lines.append(f"  share of the room between the best constant K ({best}) and {oracle} taken by each setting")
+            for s in settings:
+                if rows[s]["policy"] not in ("constant", "oracle") and prompts[s] & prompts[best] & prompts[oracle]:
+                    share, (lo, hi), n = paired_gap_closed(records, dataset, s, best, oracle)
+                    lines.append(f"  {s}: {share:+.0%} [{lo:+.0%}, {hi:+.0%}] over {n} prompts")
         t_d, t_t, t_r = fits[dataset]
         lines.append(f"  cost fit (wall times): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, "
                      f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "

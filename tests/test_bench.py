@@ -268,6 +268,30 @@ def test_pooled_runs_count_a_generation_two_runs_hold_once_the_first_runs():
     assert pool_runs([first, first[:5]]) == (first, 5)
 
 
+def test_gap_closed_is_the_share_of_the_room_between_constant_k_and_the_oracle():
+    import numpy as np
+
+    from specdecpp.bench.summary import paired_gap_closed
+
+    records = _records(0, np.random.default_rng(0))
+    oracle = [{**r, "policy": "oracle", "setting": "oracle", "charged_s": r["charged_s"] / 2}
+              for r in records if r["setting"] == "constant k=3" and r["prompt_id"] < 9]
+
+    def speed(setting):  # tokens per second over prompts 0-8, the ones all three decoded
+        rs = [r for r in records + oracle if r["setting"] == setting and r["prompt_id"] < 9]
+        return sum(r["new_tokens"] for r in rs) / sum(r["charged_s"] for r in rs)
+
+    share, (lo, hi), n = paired_gap_closed(records + oracle, "alpaca", "constant k=3", "constant k=1", "oracle")
+    assert n == 9 and share == pytest.approx((speed("constant k=3") - speed("constant k=1"))
+                                             / (speed("oracle") - speed("constant k=1")))
+    assert lo <= share <= hi
+    assert paired_gap_closed(records + oracle, "alpaca", "oracle", "constant k=1", "oracle")[:2] == (
+        pytest.approx(1.0), pytest.approx((1.0, 1.0)))
+    assert paired_gap_closed(records + oracle, "alpaca", "constant k=1", "constant k=1", "oracle")[0] == 0.0
+    with pytest.raises(ValueError, match="share no prompt"):
+        paired_gap_closed(records + oracle, "ghosts", "constant k=3", "constant k=1", "oracle")
+
+
 def test_records_repriced_at_another_cost_model_charge_their_counts_or_their_wall_time():
     import numpy as np
 

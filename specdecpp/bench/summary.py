@@ -98,23 +98,44 @@ def summarize(records: list[dict], n_boot: int = 2000) -> list[dict]:
     return rows
 
 
+def _paired_columns(records: list[dict], dataset: str, settings: tuple[str, ...]) -> tuple[list, list[list]]:
+    """The (prompt, seed) keys of `dataset` that every one of `settings` decoded, and per setting two columns over
+    them: new tokens and charged seconds. ValueError when they share no prompt."""
+    by = {(r["setting"], r["prompt_id"], r["seed"]): r for r in records if r["dataset"] == dataset}
+    keys = sorted(set.intersection(*({(p, s) for (name, p, s) in by if name == n} for n in settings)))
+    if not keys:
+        raise ValueError(f"{', '.join(map(repr, settings))} share no prompt of {dataset!r}")
+    return keys, [[by[(name, *k)][f] for k in keys] for name in settings for f in ("new_tokens", "charged_s")]
+
+
 def paired_difference(records: list[dict], dataset: str, setting: str, other: str, n_boot: int = 2000,
                       ) -> tuple[float, tuple[float, float]]:
     """speedup(setting) - speedup(other) over the prompts of `dataset` that both decoded (pooled runs may hold a
     setting on some prompts only), with its 95% bootstrap interval (each resample draws the same prompts, with all
     their seeds, for both settings and the target-only baseline). ValueError when they share no prompt."""
-    by = {(r["setting"], r["prompt_id"], r["seed"]): r for r in records if r["dataset"] == dataset}
     base = next(r["setting"] for r in records if r["dataset"] == dataset and r["policy"] == "target")
-    keys = sorted(set.intersection(*({(p, s) for (name, p, s) in by if name == n} for n in (setting, other, base))))
-    if not keys:
-        raise ValueError(f"{setting!r} and {other!r} share no prompt of {dataset!r}")
-    cols = [[by[(name, *k)][f] for k in keys] for name in (setting, other, base) for f in ("new_tokens", "charged_s")]
+    keys, cols = _paired_columns(records, dataset, (setting, other, base))
 
     def diff(n, t, n_o, t_o, n_b, t_b):
         return (n / t - n_o / t_o) / (n_b / t_b)
 
     sums = [sum(c) for c in cols]
     return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot, groups=[p for p, _ in keys])
+
+
+def paired_gap_closed(records: list[dict], dataset: str, setting: str, constant: str, oracle: str,
+                      n_boot: int = 2000) -> tuple[float, tuple[float, float], int]:
+    """(speed(setting) - speed(constant)) / (speed(oracle) - speed(constant)) over the prompts of `dataset` that all
+    three decoded: the share of the room between a constant K and the hindsight bound that `setting` takes
+    (negative when it loses to K), its 95% bootstrap interval over prompts, and the number of prompts."""
+    keys, cols = _paired_columns(records, dataset, (setting, constant, oracle))
+
+    def share(n, t, n_k, t_k, n_o, t_o):
+        return (n / t - n_k / t_k) / (n_o / t_o - n_k / t_k)
+
+    sums = [sum(c) for c in cols]
+    lo, hi = bootstrap_interval(cols, share, n_boot, groups=[p for p, _ in keys])
+    return float(share(*sums)), (lo, hi), len({p for p, _ in keys})
 
 
 def stop_calibration(records: list[dict]) -> list[dict]:

@@ -8,8 +8,9 @@
     python experiments/runs_report.py runs/qwen-t1-test --plot docs/qwen-t1-test-speedup   # and a figure per set
 
 Reads each run's records.jsonl (several runs are pooled, a generation that two runs hold counted once, the first-listed
-run's: a run of one new setting on the same prompts pools with an earlier run's baselines; two settings are compared on
-the prompts both decoded); prints, per dataset, the
+run's: a run of one new setting on the same prompts pools with an earlier run's baselines; priced runs are then charged
+in target calls, as each run's own target call is its unit; two settings are compared on the prompts both decoded);
+prints, per dataset, the
 speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
 had a rejection), the speedup difference of each pair of settings (the later-listed minus the earlier, so a config
@@ -22,6 +23,7 @@ the best constant K and the oracle (paired_gap_closed), and the fit T = t_draft 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from _report import report
 
 from specdecpp.bench.summary import (
     at_wall_time,
+    in_target_calls,
     paired_difference,
     paired_gap_closed,
     pool_runs,
@@ -54,7 +57,11 @@ def main() -> None:
     how.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
                      help="charge every record's counts at this cost model, in target calls (e.g. 0.05 0 0: GPU-like)")
     args = ap.parse_args()
-    records, repeats = pool_runs([read_run_records(run) for run in args.runs])
+    runs = [read_run_records(run) for run in args.runs]
+    pooled_priced = len(runs) > 1 and not (args.wall or args.price) and any(map(_priced, runs))
+    if pooled_priced:
+        runs = _in_target_calls(args.runs, runs)
+    records, repeats = pool_runs(runs)
     if args.wall:
         records = at_wall_time(records)
     elif args.price:
@@ -63,6 +70,8 @@ def main() -> None:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
     if args.price:  # what the seconds are, for the rate's unit and the figures' titles
         rate, basis = "tokens per target call's time", "priced at c {:g}, v {:g}, r {:g}".format(*args.price)
+    elif pooled_priced:
+        rate, basis = "tokens per target call's time", "priced by the runs' cost model"
     elif not args.wall and all(r.get("priced_s") == r["charged_s"] for r in records):
         rate, basis = "tokens per priced second", "priced by the run's cost model"
     else:
@@ -113,6 +122,20 @@ def main() -> None:
     if args.out:  # the page says which command made it
         text = f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```"
     report(text, args.out)
+
+
+def _priced(records: list[dict]) -> bool:
+    return all(r.get("priced_s") is not None and r.get("priced_s") == r["charged_s"] for r in records)
+
+
+def _in_target_calls(dirs: list[Path], runs: list[list[dict]]) -> list[list[dict]]:
+    """Pooled priced runs recharged in target calls of each one's cost model (its costs.json's "used")."""
+    if not all(map(_priced, runs)):
+        sys.exit("pooling priced runs with wall-time runs: compare them with --wall or --price C V R")
+    try:
+        return in_target_calls(runs, [CostModel(**json.loads((d / "costs.json").read_text())["used"]) for d in dirs])
+    except ValueError as e:
+        sys.exit(f"{e}: compare them with --price C V R")
 
 
 if __name__ == "__main__":

@@ -268,6 +268,28 @@ def test_pooled_runs_count_a_generation_two_runs_hold_once_the_first_runs():
     assert pool_runs([first, first[:5]]) == (first, 5)
 
 
+def test_priced_runs_pool_in_target_calls_whatever_target_call_each_measured():
+    import numpy as np
+
+    from specdecpp.bench.summary import in_target_calls, pool_runs, repriced, summarize
+    from specdecpp.costs import CostModel
+
+    records = _records(0, np.random.default_rng(0))
+    fast, slow = CostModel(0.25, 0.4, 0.1, 1.5), CostModel(0.30, 0.4, 0.1, 1.5)  # one cost model, two target calls
+    first = repriced(records, fast)
+    second = [r for r in repriced(records, slow) if r["setting"] == "constant k=3"]  # a rerun of one setting
+    rest = [r for r in first if r["setting"] != "constant k=3"]
+
+    def speedup(runs):
+        return {r["setting"]: r["speedup"] for r in summarize(pool_runs(runs)[0])}["constant k=3"]
+
+    truth = speedup([first])
+    assert speedup([rest, second]) == pytest.approx(truth * 0.25 / 0.30)  # seconds of two units: off by their ratio
+    assert speedup(in_target_calls([rest, second], [fast, slow])) == pytest.approx(truth)
+    with pytest.raises(ValueError, match="different cost models"):
+        in_target_calls([first, second], [fast, CostModel(0.25, 0.2, 0.1, 1.5)])
+
+
 def test_gap_closed_is_the_share_of_the_room_between_constant_k_and_the_oracle():
     import numpy as np
 

@@ -3,6 +3,7 @@ bootstrap intervals over prompts; and the console table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def repriced(records: list[dict], costs: CostModel) -> list[dict]:
     """The records charged at another cost model from their counts (target calls, verifying calls, drafted
     tokens): the same decoding under another machine's costs."""
     return [{**r, "charged_s": costs.seconds(r["target_calls"], r["drafted"], verified_rounds(r))} for r in records]
+
+
+def in_target_calls(runs: list[list[dict]], models: list[CostModel]) -> list[list[dict]]:
+    """Priced runs' records recharged in target calls of each run's cost model (the one it was priced by). A priced
+    run charges its counts in seconds of the target call it measured at its start, so the seconds of two runs are in
+    different units and a speedup across them would be off by their ratio; in target calls they agree.
+    ValueError for runs priced at different c, v or r: their charges are not comparable at all."""
+    if len({(m.draft, m.verify, m.round_cost) for m in models}) > 1:
+        raise ValueError("these runs were priced at different cost models")
+    return [repriced(rs, dataclasses.replace(m, target_s=1.0)) for rs, m in zip(runs, models)]
 
 
 def at_wall_time(records: list[dict]) -> list[dict]:

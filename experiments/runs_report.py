@@ -8,9 +8,9 @@
     python experiments/runs_report.py runs/qwen-t1-test --plot docs/qwen-t1-test-speedup   # and a figure per set
 
 Reads each run's records.jsonl (several runs are pooled, a generation that two runs hold counted once, the first-listed
-run's: a run of one new setting on the same prompts pools with an earlier run's baselines; priced runs are then charged
-in target calls, as each run's own target call is its unit; two settings are compared on the prompts both decoded);
-prints, per dataset, the
+run's: a run of one new setting on the same prompts pools with an earlier run's baselines; priced runs are charged in
+target calls, each run's own measured target call being its unit; two settings are compared on the prompts both
+decoded); prints, per dataset, the
 speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
 stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
 had a rejection), the speedup difference of each pair of settings (the later-listed minus the earlier, so a config
@@ -58,8 +58,8 @@ def main() -> None:
                      help="charge every record's counts at this cost model, in target calls (e.g. 0.05 0 0: GPU-like)")
     args = ap.parse_args()
     runs = [read_run_records(run) for run in args.runs]
-    pooled_priced = len(runs) > 1 and not (args.wall or args.price) and any(map(_priced, runs))
-    if pooled_priced:
+    priced = not (args.wall or args.price) and any(map(_priced, runs))
+    if priced:  # a run's priced seconds are of the target call it measured: compare in target calls
         runs = _in_target_calls(args.runs, runs)
     records, repeats = pool_runs(runs)
     if args.wall:
@@ -70,10 +70,8 @@ def main() -> None:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
     if args.price:  # what the seconds are, for the rate's unit and the figures' titles
         rate, basis = "tokens per target call's time", "priced at c {:g}, v {:g}, r {:g}".format(*args.price)
-    elif pooled_priced:
-        rate, basis = "tokens per target call's time", "priced by the runs' cost model"
-    elif not args.wall and all(r.get("priced_s") == r["charged_s"] for r in records):
-        rate, basis = "tokens per priced second", "priced by the run's cost model"
+    elif priced:
+        rate, basis = "tokens per target call's time", "priced by the run's cost model"
     else:
         rate, basis = "tokens/s", "wall time"
     summary = summarize(records)
@@ -129,7 +127,7 @@ def _priced(records: list[dict]) -> bool:
 
 
 def _in_target_calls(dirs: list[Path], runs: list[list[dict]]) -> list[list[dict]]:
-    """Pooled priced runs recharged in target calls of each one's cost model (its costs.json's "used")."""
+    """Priced runs recharged in target calls of each one's cost model (its costs.json's "used")."""
     if not all(map(_priced, runs)):
         sys.exit("pooling priced runs with wall-time runs: compare them with --wall or --price C V R")
     try:

@@ -29,9 +29,9 @@ def pool_runs(runs: list[list[dict]]) -> tuple[list[dict], int]:
     (an oracle, say) pools with an earlier run's baselines. Returns the records and how many repeats were dropped."""
     seen, pooled = set(), []
     for records in runs:
-        new = [r for r in records if (r["dataset"], r["setting"], r["prompt_id"], r["seed"]) not in seen]
-        seen |= {(r["dataset"], r["setting"], r["prompt_id"], r["seed"]) for r in records}
-        pooled += new
+        keys = [(r["dataset"], r["setting"], r["prompt_id"], r["seed"]) for r in records]
+        pooled += [r for r, key in zip(records, keys) if key not in seen]
+        seen.update(keys)
     return pooled, sum(map(len, runs)) - len(pooled)
 
 

@@ -130,8 +130,14 @@ def best_per_policy(curves: dict[str, list[float]], rows: list[dict]) -> dict[st
     return best
 
 
+def share_of_room(x, base, top):
+    """(x - base) / (top - base): the share of the room between a baseline and a bound (constant K and the oracle)
+    that x takes, negative when x loses to the baseline. Floats or tensors (a bootstrap's resampled speeds)."""
+    return (x - base) / (top - base)
+
+
 def gap_closed(best: dict[str, list[float]], i: int, policy: str = "specdecpp") -> float:
-    """(best `policy` - best constant K) / (oracle - best constant K) at draft-cost index i: the share of the room
-    above constant K that `policy` takes (negative when it loses to constant K)."""
+    """share_of_room of the best `policy` between the best constant K and the oracle at draft-cost index i (nan
+    when the oracle is no better than constant K)."""
     const, oracle = best["constant"][i], best["oracle"][i]
-    return (best[policy][i] - const) / (oracle - const) if oracle > const else float("nan")
+    return share_of_room(best[policy][i], const, oracle) if oracle > const else float("nan")

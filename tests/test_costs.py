@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from specdecpp.costs import CostModel, fit_cost_model, measure_costs, whatif
+from specdecpp.costs import CostModel, fit_cost_model, gap_closed, measure_costs, share_of_room, whatif
 from specdecpp.stats import GenerationStats, Round
 
 
@@ -70,3 +70,12 @@ def test_whatif_prices_verifying_calls():
     rows = [{"setting": "a", "new_tokens": 100, "target_calls": 10, "verified_rounds": 10, "drafted": 90}]
     assert whatif(rows, [0.5], 0.1, 0.4)["a"] == [pytest.approx(100 / (10 + 4 + 0.6 * 90))]
     assert whatif(rows, [0.5], 0.1)["a"] == [pytest.approx(100 / (10 + 0.6 * 90))]
+
+
+def test_the_share_of_the_room_above_constant_k_on_what_if_curves_and_on_resampled_speeds():
+    best = {"constant": [1.2, 2.0], "oracle": [1.6, 2.0], "specdecpp": [1.3, 2.4], "margin": [1.1, 1.9]}
+    assert gap_closed(best, 0) == pytest.approx(0.25)  # (1.3 - 1.2) / (1.6 - 1.2)
+    assert gap_closed(best, 0, "margin") == pytest.approx(-0.25)  # losing to constant K reads negative
+    assert gap_closed(best, 1) != gap_closed(best, 1)  # no room above K: nan, not a division by zero
+    x = torch.tensor([1.3, 1.6, 1.2], dtype=torch.float64)  # one formula for both: element-wise on tensors
+    assert share_of_room(x, 1.2, 1.6).tolist() == pytest.approx([0.25, 1.0, 0.0])

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..costs import CostModel, suggest_threshold, verified_rounds
+from ..costs import CostModel, share_of_room, suggest_threshold, verified_rounds
 from ..stats import bootstrap_interval
 
 
@@ -142,7 +142,7 @@ def paired_gap_closed(records: list[dict], dataset: str, setting: str, constant:
     keys, cols = _paired_columns(records, dataset, (setting, constant, oracle))
 
     def share(n, t, n_k, t_k, n_o, t_o):
-        return (n / t - n_k / t_k) / (n_o / t_o - n_k / t_k)
+        return share_of_room(n / t, n_k / t_k, n_o / t_o)
 
     sums = [sum(c) for c in cols]
     lo, hi = bootstrap_interval(cols, share, n_boot, groups=[p for p, _ in keys])

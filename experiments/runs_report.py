@@ -17,7 +17,7 @@ had a rejection), the speedup difference of each pair of settings (the later-lis
 that lists its baselines first reads as 'new minus baseline') with its 95% bootstrap interval over prompts
 (bench/summary.py's paired_difference), where an oracle ran beside constant K each setting's share of the room between
 the best constant K and the oracle (paired_gap_closed), and the fit T = t_draft D + t_target R + t_round V
-(costs.fit_cost_model) in target calls.
+(costs.fit_cost_model) in target calls, per run (pooled runs may have run on different CPUs).
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ def main() -> None:
     else:
         rate, basis = "tokens/s", "wall time"
     summary = summarize(records)
-    fits = fit_cost_model(records, summary)
+    # wall times are fitted per run: pooled runs may come from different CPUs, whose costs do not mix
+    # and need drafting rows besides the oracle's (an oracle-only run's target-only rows cannot tell the terms apart)
+    fits = {run: fit_cost_model([r for r in recs if r["dataset"] in _drafted(recs)], [])
+            for run, recs in zip(args.runs, runs)}
     calibration = stop_calibration(records)
     lines = [f"(pooled runs: {repeats} generations held by more than one run are counted once, the first-listed "
              f"run's)"] if repeats else []
@@ -109,10 +112,15 @@ def main() -> None:
                 if rows[s]["policy"] not in ("constant", "oracle") and prompts[s] & prompts[best] & prompts[oracle]:
                     share, (lo, hi), n = paired_gap_closed(records, dataset, s, best, oracle)
                     lines.append(f"  {s}: {share:+.0%} [{lo:+.0%}, {hi:+.0%}] over {n} prompts")
-        t_d, t_t, t_r = fits[dataset]
-        lines.append(f"  cost fit (wall times): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a target call, "
-                     f"{t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = {t_r / t_t:.3f} target "
-                     f"calls; Theorem 3.1 at these costs: h = {suggest_threshold(t_d, t_t + t_r):.2f}")
+        for run, fit in fits.items():
+            if dataset not in fit:
+                continue
+            t_d, t_t, t_r = fit[dataset]
+            where = f" of {run}" if len(fits) > 1 else ""
+            lines.append(f"  cost fit (wall times{where}): {t_d * 1e3:.1f} ms a drafted token, {t_t * 1e3:.1f} ms a "
+                         f"target call, {t_r * 1e3:+.1f} ms a verifying call: c + v = {t_d / t_t:.3f}, r = "
+                         f"{t_r / t_t:.3f} target calls; Theorem 3.1 at these costs: h = "
+                         f"{suggest_threshold(t_d, t_t + t_r):.2f}")
         if args.plot:
             fig = speedup_figure([r for r in summary if r["dataset"] == dataset], title=f"{dataset}, {basis}")
             lines.append(f"  figure: {save(fig, Path(f'{args.plot}_{Path(dataset).stem}.png'))}")
@@ -120,6 +128,11 @@ def main() -> None:
     if args.out:  # the page says which command made it
         text = f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```"
     report(text, args.out)
+
+
+def _drafted(records: list[dict]) -> set[str]:
+    """Datasets on which a setting other than the oracle drafted tokens."""
+    return {r["dataset"] for r in records if r["policy"] != "oracle" and r["drafted"]}
 
 
 def _priced(records: list[dict]) -> bool:

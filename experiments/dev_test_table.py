@@ -55,7 +55,7 @@ def main() -> None:
         for d in datasets:
             row = next(r for r in test if r["dataset"] == d and r["setting"] == pick["setting"])
             lo, hi = row["speedup_ci"]
-            diff, (dlo, dhi) = paired_difference(records, d, pick["setting"], const)
+            diff, (dlo, dhi), _ = paired_difference(records, d, pick["setting"], const)
             cells.append(f"{row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {diff:+.3f} [{dlo:+.3f}, {dhi:+.3f}]")
         lines.append(f"| {v} | {pick['setting']} | " + " | ".join(cells) + " |")
     # a stronger constant baseline: each set's own best K on dev (a user who knows the workload tunes K for it)
@@ -73,7 +73,7 @@ def main() -> None:
         for v, pick in chosen.items():
             if v == name:
                 continue
-            cells = [paired_difference(records, d, pick["setting"], base[d]) for d in datasets]
+            cells = [paired_difference(records, d, pick["setting"], base[d])[:2] for d in datasets]
             lines.append(f"| {v} | " + " | ".join(f"{x:+.3f} [{lo:+.3f}, {hi:+.3f}]" for x, (lo, hi) in cells) + " |")
     lines += ["", f"All settings on {args.test} (speedup [95% interval], verification rate, discard rate per "
               "token):", "",

@@ -157,10 +157,10 @@ def test_paired_difference_is_the_difference_of_speedups_with_an_interval_around
     summary, run = tiny_sweep
     records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
     rows = {r["setting"]: r for r in summary if r["dataset"] == "alpaca"}
-    d, (lo, hi) = paired_difference(records, "alpaca", "constant k=3", "constant k=1")
+    d, (lo, hi), n = paired_difference(records, "alpaca", "constant k=3", "constant k=1")
     assert d == pytest.approx(rows["constant k=3"]["speedup"] - rows["constant k=1"]["speedup"])
-    assert lo <= d <= hi
-    assert paired_difference(records, "alpaca", "constant k=3", "constant k=3") == (0.0, (0.0, 0.0))
+    assert lo <= d <= hi and n == rows["constant k=3"]["prompts"]
+    assert paired_difference(records, "alpaca", "constant k=3", "constant k=3") == (0.0, (0.0, 0.0), n)
 
 
 def row_tokens(summary, dataset):
@@ -235,9 +235,10 @@ def test_pooled_runs_compare_two_settings_on_the_prompts_both_decoded():
     records = _records(0, np.random.default_rng(0))
     late = [{**r, "setting": "constant k=5"} for r in records if r["setting"] == "constant k=3" and r["prompt_id"] >= 6]
     shared = [r for r in records if r["prompt_id"] >= 6]
-    d, ci = paired_difference(records + late, "alpaca", "constant k=5", "constant k=1")
-    d_shared, ci_shared = paired_difference(shared, "alpaca", "constant k=3", "constant k=1")
+    d, ci, n = paired_difference(records + late, "alpaca", "constant k=5", "constant k=1")
+    d_shared, ci_shared, _ = paired_difference(shared, "alpaca", "constant k=3", "constant k=1")
     assert (d, *ci) == pytest.approx((d_shared, *ci_shared))  # = prompts 6-11 alone, where k=5 copies k=3
+    assert n == 6
     assert paired_difference(records + late, "alpaca", "constant k=1", "constant k=5")[0] == pytest.approx(-d)
     pooled = {r["setting"]: r for r in summarize(records + late)}  # its speedup: over the baseline's same prompts
     assert pooled["constant k=5"]["speedup"] == pytest.approx(
@@ -263,7 +264,7 @@ def test_pooled_runs_count_a_generation_two_runs_hold_once_the_first_runs():
         r["charged_s"] for r in first if r["policy"] == "target")
     assert rows["oracle"]["speedup"] == pytest.approx(rows["oracle"]["tokens_per_s"] / base_per_s)
     assert rows["target"]["prompts"] == 12
-    d, _ = paired_difference(pooled, "alpaca", "oracle", "constant k=1")
+    d, _, _ = paired_difference(pooled, "alpaca", "oracle", "constant k=1")
     assert d == pytest.approx(rows["oracle"]["speedup"] - rows["constant k=1"]["speedup"])
     assert pool_runs([first, first[:5]]) == (first, 5)
 
@@ -364,10 +365,11 @@ def test_intervals_resample_prompts_not_seeds():
 
     records = _records(0, np.random.default_rng(0))
     twice = records + [{**r, "seed": 1} for r in records]
-    d, ci = paired_difference(records, "alpaca", "constant k=3", "constant k=1")
+    d, ci, n = paired_difference(records, "alpaca", "constant k=3", "constant k=1")
     assert ci[0] < d < ci[1]
-    d2, ci2 = paired_difference(twice, "alpaca", "constant k=3", "constant k=1")
+    d2, ci2, n2 = paired_difference(twice, "alpaca", "constant k=3", "constant k=1")
     assert (d2, *ci2) == pytest.approx((d, *ci))
+    assert n == n2 == 12  # prompts, not (prompt, seed) pairs
     once = {r["setting"]: r for r in summarize(records)}
     for row in summarize(twice):
         assert row["prompts"] == 2 * once[row["setting"]]["prompts"]

@@ -120,10 +120,11 @@ def _paired_columns(records: list[dict], dataset: str, settings: tuple[str, ...]
 
 
 def paired_difference(records: list[dict], dataset: str, setting: str, other: str, n_boot: int = 2000,
-                      ) -> tuple[float, tuple[float, float]]:
+                      ) -> tuple[float, tuple[float, float], int]:
     """speedup(setting) - speedup(other) over the prompts of `dataset` that both decoded (pooled runs may hold a
-    setting on some prompts only), with its 95% bootstrap interval (each resample draws the same prompts, with all
-    their seeds, for both settings and the target-only baseline). ValueError when they share no prompt."""
+    setting on some prompts only), its 95% bootstrap interval (each resample draws the same prompts, with all
+    their seeds, for both settings and the target-only baseline) and the number of prompts. ValueError when they
+    share no prompt."""
     base = next(r["setting"] for r in records if r["dataset"] == dataset and r["policy"] == "target")
     keys, cols = _paired_columns(records, dataset, (setting, other, base))
 
@@ -131,7 +132,8 @@ def paired_difference(records: list[dict], dataset: str, setting: str, other: st
         return (n / t - n_o / t_o) / (n_b / t_b)
 
     sums = [sum(c) for c in cols]
-    return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot, groups=[p for p, _ in keys])
+    return float(diff(*sums)), bootstrap_interval(cols, diff, n_boot, groups=[p for p, _ in keys]), len(
+        {p for p, _ in keys})
 
 
 def paired_gap_closed(records: list[dict], dataset: str, setting: str, constant: str, oracle: str,
@@ -177,7 +179,7 @@ def verdict(records: list[dict], summary: list[dict], dataset: str) -> str | Non
     if not {"specdecpp", "constant"} <= set(best):
         return None
     s, c = best["specdecpp"], best["constant"]
-    d, (lo, hi) = paired_difference(records, dataset, s["setting"], c["setting"])
+    d, (lo, hi), _ = paired_difference(records, dataset, s["setting"], c["setting"])
     outcome = "beat" if lo > 0 else "lost to" if hi < 0 else "did not separate from"
     return (f"{dataset}: SpecDec++ ({s['setting']}, {s['speedup']:.3f}x) {outcome} the best constant K "
             f"({c['setting']}, {c['speedup']:.3f}x): paired difference {d:+.3f}x, 95% interval [{lo:+.3f}, {hi:+.3f}] "

@@ -4,9 +4,9 @@
 
 Each variant is `train.py fit` on the config with a few overrides (features prepared once, so each takes a minute
 or two on a CPU); the table gives the dev split's weighted BCE at the last epoch and its best epoch, against the
-best constant predictor, and the AUROC at both. Reference rows: logistic regressions on the log top-2 margin alone
-and on the three statistics, fitted on the train split with the same weighted loss (what the statistics say without a
-head). Nothing here reads test prompts.
+best constant predictor, and the AUROC at both. Reference rows: logistic regressions on the log top-2 margin alone,
+on the three statistics, and on those plus the standardised hidden state at five L2 strengths, fitted on the train
+split with the same weighted loss (what the features say without a head). Nothing here reads test prompts.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def main() -> None:
     if args.price:  # what the seconds are, for the rate's unit and the figures' titles
         rate, basis = "tokens per target call's time", "priced at c {:g}, v {:g}, r {:g}".format(*args.price)
     elif priced:
-        rate, basis = "tokens per target call's time", "priced by the run's cost model"
+        rate, basis = "tokens per target call's time", "priced by the run's cost model" if len(runs) == 1 else (
+            "priced by the runs' cost model")
     else:
         rate, basis = "tokens/s", "wall time"
     summary = summarize(records)

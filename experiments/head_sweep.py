@@ -102,7 +102,7 @@ def main() -> None:
         out = args.root / Path(args.config).stem / f"v{i}"
         train.main(["fit", "--config", args.config, *BASE, *overrides, "--trainer.default_root_dir", str(out),
                     "--model.export_dir", str(out / "head")])
-        curve = dev_curve(max((out / "lightning_logs").iterdir()))
+        curve = dev_curve(max((out / "lightning_logs").glob("version_*"), key=lambda d: int(d.name.split("_")[1])))
         const = curve["val/loss_const"][-1]
         best = min(range(len(curve["val/loss"])), key=curve["val/loss"].__getitem__)
         rows.append(f"| {name} | {curve['val/loss'][-1]:.4f} | {curve['val/loss'][best]:.4f} (epoch {best + 1}) | "

@@ -78,9 +78,7 @@ def main() -> None:
         rate, basis = "tokens/s", "wall time"
     summary = summarize(records)
     # wall times are fitted per run: pooled runs may come from different CPUs, whose costs do not mix
-    # and need drafting rows besides the oracle's (an oracle-only run's target-only rows cannot tell the terms apart)
-    fits = {run: fit_cost_model([r for r in recs if r["dataset"] in _drafted(recs)], [])
-            for run, recs in zip(args.runs, runs)}
+    fits = {run: fit_cost_model(recs, []) for run, recs in zip(args.runs, runs)}
     calibration = stop_calibration(records)
     lines = [f"(pooled runs: {repeats} generations held by more than one run are counted once, the first-listed "
              f"run's)"] if repeats else []
@@ -127,11 +125,6 @@ def main() -> None:
     if args.out:  # the page says which command made it
         text = f"`python {shlex.join(sys.argv)}`\n\n```\n{text}\n```"
     report(text, args.out)
-
-
-def _drafted(records: list[dict]) -> set[str]:
-    """Datasets on which a setting other than the oracle drafted tokens."""
-    return {r["dataset"] for r in records if r["policy"] != "oracle" and r["drafted"]}
 
 
 def _priced(records: list[dict]) -> bool:

@@ -87,10 +87,12 @@ def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[
     predicted from its counts alone plus its measured prefill. Oracle rows are left out of the fit: their timing
     includes a lookahead they do not book. t_draft prices one drafted token: its draft step and its share of the
     verification (not free when the target is compute-bound, as on a CPU). Target-only rows (no verifying call)
-    tell t_target from t_round."""
+    tell t_target from t_round. A dataset where nothing but the oracle drafted is not fitted."""
     fits = {}
     for dataset in {r["dataset"] for r in records}:
         rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
+        if not any(r["drafted"] for r in rs):  # target-only rows alone cannot tell the three costs apart
+            continue
         x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
         y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
         t_draft, t_target, t_round = torch.linalg.lstsq(x, y).solution[:, 0].tolist()

@@ -79,3 +79,12 @@ def test_the_share_of_the_room_above_constant_k_on_what_if_curves_and_on_resampl
     assert gap_closed(best, 1) != gap_closed(best, 1)  # no room above K: nan, not a division by zero
     x = torch.tensor([1.3, 1.6, 1.2], dtype=torch.float64)  # one formula for both: element-wise on tensors
     assert share_of_room(x, 1.2, 1.6).tolist() == pytest.approx([0.25, 1.0, 0.0])
+
+
+def test_a_dataset_where_only_the_oracle_drafted_is_not_fitted():
+    rows = [{"dataset": "d", "policy": "target", "drafted": 0, "target_calls": 8, "verified_rounds": 0,
+             "total_s": 2.1, "prefill_s": 0.1},
+            {"dataset": "d", "policy": "oracle", "drafted": 12, "target_calls": 3, "verified_rounds": 3,
+             "total_s": 1.9, "prefill_s": 0.1}]
+    assert fit_cost_model(rows, []) == {}  # not a fit of zeros
+    assert set(fit_cost_model(rows + [{**rows[1], "policy": "constant"}], [])) == {"d"}

@@ -205,7 +205,7 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
     """One table per dataset; "~" marks settings whose speedup interval overlaps the best setting's."""
     cols = [("setting", 34, "s"), ("tokens_per_s", 8, ".2f"), ("speedup", 7, ".3f"), ("ci", 15, "s"), ("mark", 1, "s"),
             ("verification_rate", 7, ".3f"), ("discard_rate", 7, ".3f"), ("mean_acceptance_length", 7, ".2f")]
-    fitted = costs is None and "cost_model_error" in summary[0]  # engine mode at batch 1 fits a cost model
+    fitted = costs is None and any("cost_model_error" in r for r in summary)  # engine mode at batch 1 fits one
     if fitted:
         cols.append(("cost_model_error", 7, ".1%"))
     heads = {"tokens_per_s": "tok/s" if costs is None else "pred.t/s", "verification_rate": "verif",
@@ -223,11 +223,15 @@ def format_summary(summary: list[dict], datasets, costs: CostModel | None = None
             lo, hi = r["speedup_ci"]
             overlaps = best is not None and r["policy"] not in ("target", "oracle") and lo <= best["speedup_ci"][1] \
                 and hi >= best["speedup_ci"][0]
-            cells = {**r, "ci": f"[{lo:.3f}, {hi:.3f}]", "mark": "~" if overlaps else ""}
+            cells = {"cost_model_error": float("nan"), **r, "ci": f"[{lo:.3f}, {hi:.3f}]",
+                     "mark": "~" if overlaps else ""}  # nan: a dataset whose costs could not be fitted
             out.append("  ".join(f"{cells[c]:<{w}{f}}" if c == "setting" else f"{cells[c]:>{w}{f}}"
                                  for c, w, f in cols))
         by_policy = best_by_policy(summary, dataset)
-        if fitted:
+        if fitted and "t_draft" not in rows[0]:
+            out.append("cost model: not fitted (no setting but the oracle drafted)")
+            h = None
+        elif fitted:
             t_d, t_t, t_r = rows[0]["t_draft"], rows[0]["t_target"], rows[0]["t_round"]
             errors = [abs(r["cost_model_error"]) for r in rows if r["policy"] != "oracle"]
             out.append(f"cost model: {t_d * 1e3:.1f} ms per drafted token, {t_t * 1e3:.1f} ms per target call, "

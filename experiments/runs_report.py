@@ -33,6 +33,7 @@ from _report import report
 
 from specdecpp.bench.summary import (
     at_wall_time,
+    fastest,
     in_target_calls,
     paired_difference,
     paired_gap_closed,
@@ -72,8 +73,8 @@ def main() -> None:
     if args.price:  # what the seconds are, for the rate's unit and the figures' titles
         rate, basis = "tokens per target call's time", "priced at c {:g}, v {:g}, r {:g}".format(*args.price)
     elif priced:
-        rate, basis = "tokens per target call's time", "priced by the run's cost model" if len(runs) == 1 else (
-            "priced by the runs' cost model")
+        whose = "run's" if len(runs) == 1 else "runs'"
+        rate, basis = "tokens per target call's time", f"priced by the {whose} cost model"
     else:
         rate, basis = "tokens/s", "wall time"
     summary = summarize(records)
@@ -103,7 +104,10 @@ def main() -> None:
         rows = {r["setting"]: r for r in summary if r["dataset"] == dataset}
         constants = [s for s in settings if rows[s]["policy"] == "constant"]
         for oracle in (s for s in settings if rows[s]["policy"] == "oracle" and constants):
-            best = max(constants, key=lambda s: rows[s]["speedup"])  # in hindsight, as the verdicts pick it
+            try:  # the best K in hindsight on the oracle's prompts, which is where the shares are measured
+                best = fastest(records, dataset, constants, on_prompts_of=(oracle,))
+            except ValueError:  # the oracle decoded no prompt that every constant K decoded
+                continue
             lines.append(f"  share of the room between the best constant K ({best}) and {oracle} taken by each setting")
             for s in (s for s in settings if rows[s]["policy"] not in ("constant", "oracle")):
                 with suppress(ValueError):  # as above: only where the three share prompts

@@ -315,6 +315,23 @@ def test_gap_closed_is_the_share_of_the_room_between_constant_k_and_the_oracle()
         paired_gap_closed(records + oracle, "ghosts", "constant k=3", "constant k=1", "oracle")
 
 
+def test_fastest_picks_on_the_prompts_every_named_setting_shares():
+    from specdecpp.bench.summary import fastest
+
+    def rec(setting, prompt, tokens, secs):
+        return {"dataset": "d", "setting": setting, "policy": "constant", "prompt_id": prompt, "seed": 0,
+                "new_tokens": tokens, "charged_s": secs}
+
+    # k=1 is faster over all four prompts, k=2 over prompts 0-1, the only ones the oracle decoded
+    records = [rec("k=1", 0, 10, 2.0), rec("k=1", 1, 10, 2.0), rec("k=1", 2, 10, 0.5), rec("k=1", 3, 10, 0.5),
+               rec("k=2", 0, 10, 1.0), rec("k=2", 1, 10, 1.0), rec("k=2", 2, 10, 2.0), rec("k=2", 3, 10, 2.0),
+               rec("oracle", 0, 10, 0.5), rec("oracle", 1, 10, 0.5)]
+    assert fastest(records, "d", ["k=1", "k=2"]) == "k=1"
+    assert fastest(records, "d", ["k=1", "k=2"], on_prompts_of=("oracle",)) == "k=2"
+    with pytest.raises(ValueError, match="share no prompt"):
+        fastest(records, "other", ["k=1", "k=2"])
+
+
 def test_records_repriced_at_another_cost_model_charge_their_counts_or_their_wall_time():
     import numpy as np
 

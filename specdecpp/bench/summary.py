@@ -136,6 +136,14 @@ def paired_difference(records: list[dict], dataset: str, setting: str, other: st
         {p for p, _ in keys})
 
 
+def fastest(records: list[dict], dataset: str, settings: list[str], on_prompts_of: tuple[str, ...] = ()) -> str:
+    """The one of `settings` with the most tokens per charged second on `dataset`, over the prompts that all of them
+    and every setting in `on_prompts_of` decoded: the hindsight pick a paired comparison with those settings should
+    use (pooled runs may hold a setting on some prompts only). ValueError when they share no prompt."""
+    _, cols = _paired_columns(records, dataset, (*settings, *on_prompts_of))
+    return max(settings, key=lambda s: sum(cols[2 * settings.index(s)]) / sum(cols[2 * settings.index(s) + 1]))
+
+
 def paired_gap_closed(records: list[dict], dataset: str, setting: str, constant: str, oracle: str,
                       n_boot: int = 2000) -> tuple[float, tuple[float, float], int]:
     """(speed(setting) - speed(constant)) / (speed(oracle) - speed(constant)) over the prompts of `dataset` that all

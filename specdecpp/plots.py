@@ -33,10 +33,10 @@ STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heurist
 
 def save(fig, path: Path) -> Path:
     """Write `fig` as a PNG under `path` atomically (a temporary sibling, then a rename): an interrupted redraw
-    leaves the previous figure whole."""
+    leaves the previous figure whole. Nothing is clipped: the image grows to hold a title wider than the axes."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")  # a long title or label widens the image
     tmp.replace(path)
     return path
 

@@ -55,8 +55,9 @@ def main() -> None:
              f"{summary['mean_p_acc']:.3f}; AUROC against {args.draws} Bernoulli draws of the soft label "
              "(mean, min-max).", "",
              "| signal | AUROC |", "|---|---|", *rows, "",
-             f"Head calibration on these positions (its Platt fit was made on them): mean prediction "
-             f"{pred.mean():.3f} against mean label {labels.mean():.3f}, soft-label ECE {soft_ece(pred, labels):.4f}.",
+             f"Head calibration on these positions (its Platt fit was made on its training run's dev split): mean "
+             f"prediction {pred.mean():.3f} against mean label {labels.mean():.3f}, soft-label ECE "
+             f"{soft_ece(pred, labels):.4f}.",
              ""]
     report("\n".join(lines), args.out)
 

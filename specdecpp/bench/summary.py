@@ -141,7 +141,8 @@ def fastest(records: list[dict], dataset: str, settings: list[str], on_prompts_o
     and every setting in `on_prompts_of` decoded: the hindsight pick a paired comparison with those settings should
     use (pooled runs may hold a setting on some prompts only). ValueError when they share no prompt."""
     _, cols = _paired_columns(records, dataset, (*settings, *on_prompts_of))
-    return max(settings, key=lambda s: sum(cols[2 * settings.index(s)]) / sum(cols[2 * settings.index(s) + 1]))
+    speed = {s: sum(cols[2 * i]) / sum(cols[2 * i + 1]) for i, s in enumerate(settings)}  # tokens, seconds
+    return max(speed, key=speed.get)
 
 
 def paired_gap_closed(records: list[dict], dataset: str, setting: str, constant: str, oracle: str,

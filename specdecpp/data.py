@@ -467,7 +467,8 @@ class AcceptanceDataModule(L.LightningDataModule):
         target, draft: model references as in `load_pair` (draft may be a self-draft depth).
         dataset: "alpaca", "humaneval", "gsm8k" or a JSON/JSONL(.gz) prompt file (its `prompt_field` is used).
         data_dir: folder holding the dataset files (default $SPECDECPP_DATA_DIR, else the bundled copies).
-        train_prompts, val_prompts: how many prompts of the train and dev splits (Alpaca; a file is split in order).
+        train_prompts, val_prompts: how many prompts of the train and dev splits (Alpaca: its train and dev splits;
+            any other set or file: its first train_prompts prompts, then the next val_prompts, in order).
         prepare: run preparation in `prepare_data` if the cache is missing; False makes a missing cache an error.
         features: keep the draft's features at preparation and serve them instead of token sequences: a statistics
             head (model.head_stats) then trains without the draft (no mixing; see the module docstring).
@@ -505,11 +506,12 @@ class AcceptanceDataModule(L.LightningDataModule):
             return {"train": load_prompts(h.dataset, "train", h.train_prompts, h.data_dir),
                     "val": load_prompts(h.dataset, "dev", h.val_prompts, h.data_dir)}
         split = "test" if h.dataset in TEST_ONLY else "train"  # files ignore it; other hub sets: their train split
-        bodies = load_prompts(h.dataset, split, h.train_prompts + h.val_prompts, h.data_dir, h.prompt_field)
-        if len(bodies) < 2:
-            raise ValueError(f"{h.dataset}: need at least 2 prompts to make train and val splits")
-        n_val = min(h.val_prompts, len(bodies) // 2)
-        return {"train": bodies[:-n_val], "val": bodies[-n_val:]}
+        n = h.train_prompts + h.val_prompts
+        bodies = load_prompts(h.dataset, split, n, h.data_dir, h.prompt_field)
+        if len(bodies) < n or min(h.train_prompts, h.val_prompts) < 1:
+            raise ValueError(f"{h.dataset}: train_prompts={h.train_prompts} and val_prompts={h.val_prompts} ask for "
+                             f"{n} prompts (at least 1 each), and it has {len(bodies)}: lower them")
+        return {"train": bodies[:h.train_prompts], "val": bodies[h.train_prompts:]}
 
     def dirs(self) -> dict[str, list[Path]]:
         """Each split's prepared directories, one per block of BLOCK_PROMPTS prompts in list order: a longer prompt

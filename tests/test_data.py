@@ -319,6 +319,18 @@ def test_datamodule_prepares_once_and_serves_mixed_batches(tmp_path):
     assert "input_ids" in next(iter(tokens.train_dataloader()))
 
 
+def test_a_file_or_test_set_splits_in_order_into_exactly_the_asked_counts(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    dm = AcceptanceDataModule(dataset=str(prompts), train_prompts=2, val_prompts=5)  # more val than train
+    assert dm.split_prompts() == {"train": PROMPTS[:2], "val": PROMPTS[2:7]}
+    probe = AcceptanceDataModule(dataset="humaneval", train_prompts=15, val_prompts=40)
+    assert probe.split_prompts()["val"] == load_prompts("humaneval", "test", 55)[15:]
+    for train, val in [(6, 3), (8, 0)]:  # 9 of 8 prompts; an empty dev split
+        with pytest.raises(ValueError, match=f"train_prompts={train} and val_prompts={val} .* has 8"):
+            AcceptanceDataModule(dataset=str(prompts), train_prompts=train, val_prompts=val).split_prompts()
+
+
 def test_bundled_prompt_sets_load_without_any_data_folder(monkeypatch):
     """A fresh clone anywhere: with no $SPECDECPP_DATA_DIR the copies shipped in the package are used."""
     monkeypatch.delenv("SPECDECPP_DATA_DIR", raising=False)

@@ -47,9 +47,10 @@ def style(policy: str) -> tuple[str, str | None]:
 
 
 def variant(row: dict) -> str:
-    """A summary row's policy, with the head's directory name where the setting names its own head."""
+    """A summary row's policy, with the head's path as the config gives it where the setting names its own head (the
+    whole path: two heads exported to runs/a/head-stats and runs/b/head-stats are two policies, not one)."""
     head = row.get("params", {}).get("head")
-    return row["policy"] + (f" ({Path(head).name})" if head else "")
+    return row["policy"] + (f" ({head})" if head else "")
 
 
 def pareto_figure(rows: list[dict], title: str = ""):

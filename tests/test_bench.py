@@ -452,10 +452,18 @@ def test_pareto_figure_draws_each_head_of_a_policy_as_its_own_hollow_series():
               "discard_rate": 0.4} for h in (0.3, 0.5)]
     ax = pareto_figure(rows).axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["specdecpp", "specdecpp (head-hidden)"]
-    assert len(lines["specdecpp"].get_xdata()) == len(lines["specdecpp (head-hidden)"].get_xdata()) == 2
-    assert lines["specdecpp (head-hidden)"].get_markerfacecolor() == "none"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["specdecpp", "specdecpp (runs/x/head-hidden)"]
+    assert len(lines["specdecpp"].get_xdata()) == len(lines["specdecpp (runs/x/head-hidden)"].get_xdata()) == 2
+    assert lines["specdecpp (runs/x/head-hidden)"].get_markerfacecolor() == "none"
     assert lines["specdecpp"].get_markerfacecolor() != "none"
+
+
+def test_variant_tells_apart_heads_whose_directories_share_a_name():
+    from specdecpp.plots import variant
+
+    rows = [{"policy": "specdecpp", "params": {"head": f"runs/{run}/head-stats"}} for run in ("a", "b")]
+    assert [variant(r) for r in rows] == ["specdecpp (runs/a/head-stats)", "specdecpp (runs/b/head-stats)"]
+    assert variant({"policy": "specdecpp", "params": {"threshold": 0.5}}) == "specdecpp"
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped_and_prices_the_rest_alike(tmp_path, tiny_head):

@@ -47,6 +47,11 @@ from specdecpp.costs import CostModel, fit_cost_model, suggest_threshold
 from specdecpp.plots import save, speedup_figure
 
 
+def pct(x: float) -> str:
+    """A signed share in whole percent, with one decimal under 1% (-0.3%, not a bound that reads -0%)."""
+    return f"{x:+.1%}" if abs(x) < 0.01 else f"{x:+.0%}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -112,7 +117,7 @@ def main() -> None:
             for s in (s for s in settings if rows[s]["policy"] not in ("constant", "oracle")):
                 with suppress(ValueError):  # as above: only where the three share prompts
                     share, (lo, hi), n = paired_gap_closed(records, dataset, s, best, oracle)
-                    lines.append(f"  {s}: {share:+.0%} [{lo:+.0%}, {hi:+.0%}] over {n} prompts")
+                    lines.append(f"  {s}: {pct(share)} [{pct(lo)}, {pct(hi)}] over {n} prompts")
         for run, fit in fits.items():
             if dataset not in fit:
                 continue

@@ -130,6 +130,17 @@ def test_costs_given_to_a_timed_engine_run_are_refused_not_ignored(tmp_path, tin
     assert expand_settings(tiny_cfg(tmp_path, tiny_head, draft_cost=0.1, round_cost=0.5, priced=True))  # used
 
 
+def test_heads_in_directories_of_one_name_are_two_settings_and_a_repeated_setting_is_refused(tmp_path, tiny_head):
+    cfg = tiny_cfg(tmp_path, tiny_head)
+    cfg.policies = [PolicySpec("specdecpp", {"head": f"runs/{run}/head-stats"}, {"threshold": [0.5]})
+                    for run in ("a", "b")]
+    assert [s.label for s in expand_settings(cfg)[1:]] == ["specdecpp head=runs/a/head-stats threshold=0.5",
+                                                           "specdecpp head=runs/b/head-stats threshold=0.5"]
+    cfg.policies.append(PolicySpec("specdecpp", {"head": "runs/a/head-stats"}, {"threshold": [0.5, 0.7]}))
+    with pytest.raises(ValueError, match=r"twice: \['specdecpp head=runs/a/head-stats threshold=0.5'\]"):
+        expand_settings(cfg)
+
+
 def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path, tiny_head, tiny_sweep):
     engine_summary, _ = tiny_sweep
     summary = run_benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", trace_batch_size=2))

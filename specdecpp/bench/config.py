@@ -70,8 +70,9 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return self.name + "".join(f" {k}={Path(v).name if k == 'head' else v}" for k, v in self.params.items()
-                                   if k not in ("k_min", "k_max"))
+        """The setting's name in records and tables (and what resuming a run matches on): a head by its path as the
+        config gives it, since heads in runs/a/head-stats and runs/b/head-stats are two settings."""
+        return self.name + "".join(f" {k}={v}" for k, v in self.params.items() if k not in ("k_min", "k_max"))
 
     def head_path(self, default: str | None) -> str | None:
         return self.params.get("head", default) if self.name == "specdecpp" else None
@@ -113,6 +114,11 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
             settings.append(Setting(spec.name, {**spec.params, **dict(zip(keys, values))}))
     if len(settings) == 1:
         raise ValueError("the sweep is empty: list at least one speculative policy under `policies`")
+    labels = [s.label for s in settings]
+    if len(set(labels)) < len(labels):
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        raise ValueError(f"the sweep lists a setting twice: {twice}; each setting is decoded, recorded and resumed "
+                         f"by its name, so make them differ (a policy's params or grid) or remove one")
     if cfg.prompt_offset < 0:
         raise ValueError(f"prompt_offset must be >= 0, got {cfg.prompt_offset}")
     if not cfg.datasets or cfg.prompts_per_dataset < 1 or not cfg.seeds:

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,16 @@ def test_heads_in_directories_of_one_name_are_two_settings_and_a_repeated_settin
         expand_settings(cfg)
 
 
+def test_replay_signals_keep_heads_whose_directories_share_a_name_apart(tmp_path, tiny_head):
+    heads = [shutil.copytree(tiny_head, tmp_path / run / "head-stats") for run in ("a", "b")]
+    cfg = tiny_cfg(tmp_path, tiny_head, mode="replay", datasets="[alpaca]")
+    cfg.policies = [PolicySpec("specdecpp", {"k_min": 1, "k_max": 6, "head": str(h)}, {"threshold": [0.5]})
+                    for h in heads]
+    run_benchmark(cfg)
+    signals = json.loads((tmp_path / "run" / "signals.json").read_text())["alpaca"]
+    assert sorted(k for k in signals["auroc"] if k.startswith("head ")) == [f"head {h}" for h in heads]
+
+
 def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path, tiny_head, tiny_sweep):
     engine_summary, _ = tiny_sweep
     summary = run_benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", trace_batch_size=2))
@@ -156,7 +167,7 @@ def test_replay_sweep_counts_equal_the_engine_sweep_and_carry_intervals(tmp_path
     whatif = json.loads((run / "whatif.json").read_text())
     assert whatif["draft_cost_measured"] > 0 and set(whatif["datasets"]) == {"alpaca", "humaneval", "gsm8k"}
     signals = json.loads((run / "signals.json").read_text())["alpaca"]
-    head = f"head {Path(tiny_head).name}"
+    head = f"head {tiny_head}"
     assert {"draft prob", "-entropy", "top-2 margin", head} <= set(signals["auroc"])
     assert 0 < signals["positions"] <= row_tokens(summary, "alpaca") - 1  # one prompt: at most all but the last
     assert set(signals["stop_events"][head]) >= {"k=1", "k=2"}

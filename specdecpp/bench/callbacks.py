@@ -188,7 +188,7 @@ class SignalReport(Callback):
     def on_trace(self, bench, dataset, prompt_id, trace):
         from ..predictors import trace_signals
 
-        heads = {f"head {Path(p).name}": h for p, h in bench.heads.items()}
+        heads = {f"head {p}": h for p, h in bench.heads.items()}  # the whole path: two heads, two rows
         self.signals.setdefault(dataset, []).append(trace_signals(trace, heads))
 
     def on_end(self, bench, summary):
@@ -196,7 +196,7 @@ class SignalReport(Callback):
             return
         from ..predictors import signal_report
 
-        heads = [f"head {Path(p).name}" for p in bench.heads]
+        heads = [f"head {p}" for p in bench.heads]
         self.result = {d: signal_report(s, heads) for d, s in self.signals.items()}
         (bench.out_dir / "signals.json").write_text(json.dumps(self.result, indent=2))
         for d, r in self.result.items():

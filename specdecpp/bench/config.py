@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,8 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
             settings.append(Setting(spec.name, {**spec.params, **dict(zip(keys, values))}))
     if len(settings) == 1:
         raise ValueError("the sweep is empty: list at least one speculative policy under `policies`")
-    labels = [s.label for s in settings]
-    if len(set(labels)) < len(labels):
-        twice = sorted({x for x in labels if labels.count(x) > 1})
+    twice = sorted(label for label, n in Counter(s.label for s in settings).items() if n > 1)
+    if twice:
         raise ValueError(f"the sweep lists a setting twice: {twice}; each setting is decoded, recorded and resumed "
                          f"by its name, so make them differ (a policy's params or grid) or remove one")
     if cfg.prompt_offset < 0:

@@ -11,7 +11,7 @@ leaves the batch. The caches (`_RowCache`) share columns between rows: prompts a
 in columns of its own, rejected tokens leave masked holes, and every forward gets the validity mask and each row's
 own position ids. A batch of one is the same loop with no padding, no holes and no mask.
 Token positions live on the host as Python ints. What a round drafts, why it stops, what it commits and how it is
-booked is `rounds.RoundState`, shared with the greedy replay (its docstring has the glossary).
+booked, and when a sequence ends is `rounds.Sequence`, shared with the replay (its docstring has the glossary).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from .lowp import has_slow_linears, rows_products
 from .policies import DraftToken, LengthPolicy
-from .rounds import RoundState
+from .rounds import Sequence
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, residual, sample
 from .sampling import n_accepted as n_accepted_prefix
 from .stats import GenerationStats
@@ -104,29 +104,13 @@ class _RowCache:
             self.valid = self.valid[:, :end]
 
 
-class _Row:
-    """One sequence of the batch: its tokens, its policy and statistics, and its current round."""
-
-    def __init__(self, prompt: list[int], policy: LengthPolicy):
-        self.seq = prompt
-        self.n_prompt = len(prompt)
-        self.policy = policy
-        self.stats = GenerationStats(prompt_tokens=len(prompt), hindsight=policy.hindsight)
-        self.round: RoundState | None = None
-        self.done = False
-
-    @property
-    def generated(self) -> int:
-        return len(self.seq) - self.n_prompt
-
-    @property
-    def candidates(self) -> list[int]:
-        return self.round.candidates if self.round is not None else []
+class _Row(Sequence):
+    """One sequence of the batch (`rounds.Sequence`), and what its caches have been fed."""
 
     def pending(self, model: _RowCache, b: int) -> list[int]:
         """The row's tokens (committed, then this round's candidates) that `model` has not been fed yet."""
         seen = model.seen(b)
-        return self.seq[seen:] + self.candidates[max(seen - len(self.seq), 0):]
+        return self.tokens[seen:] + self.candidates[max(seen - len(self.tokens), 0):]
 
 
 @dataclass
@@ -155,11 +139,11 @@ def _draw(dist: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | 
     return dist.argmax(-1) if cfg.greedy else sample(dist, generator)
 
 
-def _draft(draft_cache: _RowCache | None, rows: list[_Row], max_new_tokens: int, sampling: SamplingConfig,
-           generator: torch.Generator | None, eos: set[int]) -> Drafts:
+def _draft(draft_cache: _RowCache | None, rows: list[_Row], sampling: SamplingConfig,
+           generator: torch.Generator | None) -> Drafts:
     """Draft in lockstep until every row's round stopped (its policy, its round maximum, EOS)."""
     for r in rows:
-        r.round = RoundState(r.policy, r.generated, max_new_tokens)
+        r.begin_round()
     if draft_cache is None and any(r.round.drafting for r in rows):
         first = next(r.policy for r in rows if r.round.drafting)
         raise ValueError(f"policy {first!r} drafts tokens but no draft model was given")
@@ -186,12 +170,11 @@ def _draft(draft_cache: _RowCache | None, rows: list[_Row], max_new_tokens: int,
             r.stats.wasted_draft_steps += not r.round.drafting
         for j, b in enumerate(live):
             r = rows[b]
-            r.stats.draft_calls += 1
             token = DraftToken(hidden=out.hidden_states[-1][b, -1] if r.policy.needs_hidden else None)
             if stats is not None and r.policy.needs_stats:
                 token.prob, token.entropy, token.margin = stats[j]
             with _timed([r], "head_s"):
-                r.round.add(live_tokens[j], token, eos)
+                r.draft(live_tokens[j], token)
     if not steps:  # no row drafted: an empty [B, 0] record
         return Drafts(torch.zeros(len(rows), 0, dtype=torch.long), torch.zeros(len(rows), 0), [], [0] * len(rows))
     tokens = torch.stack(steps, 1)
@@ -267,9 +250,8 @@ def speculative_generate(
         for pol in {id(p): p for p in policies}.values():
             pol.check_draft(draft)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    rows = [_Row(p, pol) for p, pol in zip(prompts, policies)]
+    rows = [_Row(p, pol, max_new_tokens, eos) for p, pol in zip(prompts, policies)]
     for r in rows:
-        r.policy.reset()
         r.stats.batch_size = len(rows)
     target_cache = _RowCache(target, len(rows))
     draft_cache = _RowCache(draft, len(rows)) if draft is not None else None
@@ -280,7 +262,7 @@ def speculative_generate(
 
     while active:
         # 1. draft: every row drafts until its policy, its round maximum or EOS stops it
-        drafts = _draft(draft_cache, active, max_new_tokens, sampling, generator, eos)
+        drafts = _draft(draft_cache, active, sampling, generator)
         # 2-3. verify every row's candidates in one target call; accept a prefix; draw the round's last token
         with _timed(active, "verify_s", prefill=target_cache.calls == 0):
             n_accepted, next_tokens = _verify(target_cache, active, drafts, device, sampling, generator)
@@ -288,10 +270,8 @@ def speculative_generate(
         # committed tokens (they hold all of them but the last, which the next round feeds)
         kept = []
         for r, n, token in zip(active, n_accepted, next_tokens):
-            kept.append(len(r.seq) + n)
-            new = r.round.close(r.stats, n, token, eos)
-            r.seq += new
-            r.done = any(t in eos for t in new) or r.generated >= max_new_tokens
+            kept.append(len(r.tokens) + n)
+            r.commit(n, token)
             r.stats.total_s = time.perf_counter() - start
         for cache in caches:
             cache.rollback(kept)
@@ -305,9 +285,8 @@ def speculative_generate(
     batch_s = time.perf_counter() - start
     gens = []
     for r in rows:
-        r.stats.new_tokens = r.generated
-        r.stats.batch_s = batch_s
-        gens.append(Generation(tokens=r.seq[r.n_prompt:], stats=r.stats, policy=r.policy))
+        r.finish().batch_s = batch_s
+        gens.append(Generation(tokens=r.tokens[r.n_prompt:], stats=r.stats, policy=r.policy))
     return gens[0] if single else gens
 
 

@@ -1,20 +1,32 @@
-"""Exact replay of greedy speculative decoding: every length policy simulated from one pass of each model.
+"""Replay of speculative decoding: every length policy simulated from one pass of each model per prompt, at any
+temperature, exact for greedy decoding and exact in distribution when sampling.
 
-In greedy mode the output is the target's greedy output X whatever the policy, and a round that starts after
-t committed tokens drafts the draft's greedy run from prompt + X_<t. While that run matches X, its prefix *is*
-X's prefix, so one teacher-forced draft pass over prompt + X gives every run up to its first mismatch, with all
-a policy reads (`DraftToken`: statistics of the raw draft distribution, hidden state). A run leaves X only at a
-mismatch position m (the draft's greedy token D_m != X_m), and what it drafts after D_m depends on m alone:
-a short incremental *branch* from the cached pass, computed once per m, on first use.
+The coupling. A round that starts after t committed tokens drafts Y_t ~ q_t, keeps it with probability
+min(1, p_t(Y_t) / q_t(Y_t)), and on a rejection commits a correction drawn from norm(max(0, p_t - q_t)). Whatever the
+policy, the committed tokens X are distributed as the target's own output. Conditioned on the committed token
+X_j = x at a position j that is drafted:
+- P(the drafted token was x and was accepted) = min(p(x), q(x)) / p(x) = min(1, q(x) / p(x));
+- after a rejection, the rejected draft token and x are independent: it is drawn from norm(max(0, q - p)).
+So a trace samples X ~ p once per prompt and seed, and draws once per position j a uniform u_j and a token
+R_j ~ norm(max(0, q_j - p_j)) (teacher-forced p_j, q_j along X). The token drafted at j (if a round drafts j) is
+D_j = X_j when u_j < min(1, q_j(X_j) / p_j(X_j)), else R_j, and what the draft drafts after a rejected R_j is a
+short *branch*: the draft's own sampled run from prompt + X_<j + R_j, drawn once per j on first use. A position is
+drafted in at most one round of a generation, so these draws serve every policy at once (common random numbers:
+each policy's distribution is unchanged, paired differences are tighter).
 
-`replay_generation` then drives the real policy objects over a `Trace` exactly as `speculative_generate` does,
-with no model call, and returns the same `GenerationStats` (counts and rounds; no times).
+In greedy mode p and q are one-hot: X is the target's greedy output, D_j the draft's greedy token given
+prompt + X_<j, the branch its greedy run from prompt + X_<m + D_m, and the replay is exact round for round.
+
+`replay_generation` then drives the real policy objects over a `Trace` exactly as `speculative_generate` does
+(the same `rounds.Sequence`), with no model call, and returns the same `GenerationStats` (counts and rounds; no
+times).
 
 Where exactness holds: the replay is the engine's arithmetic up to the draft's floating-point path. The
 teacher-forced pass and the engine's cached incremental forwards compute the same logits in different shapes. With
 fp32 models that changes nothing the policies see (tests/test_replay.py: every round equal). With a bf16 draft it
 does: a near-tie flips the draft's argmax and the statistics move, and near-ties are exactly where a bf16 copy is
-rejected, so replayed rounds differ from the engine's (`experiments/replay_check.py` measures how often).
+rejected, so replayed rounds differ from the engine's (`experiments/replay_check.py` measures how often). When
+sampling, the promise is equality in distribution (tests/test_replay.py: chi-square against the engine).
 """
 
 from __future__ import annotations
@@ -31,20 +43,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from .data import sample_responses
+from . import atomic
 from .head import draft_fingerprint
+from .passes import sample_responses
 from .policies import DraftToken, LengthPolicy
-from .rounds import RoundState
-from .sampling import SamplingConfig, draft_stats
+from .rounds import Sequence
+from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, residual, sample
 from .stats import GenerationStats
 
 GREEDY = SamplingConfig(temperature=0)
 log = logging.getLogger(__name__)
 
 
-def _draft_tokens(logits: torch.Tensor, hidden: torch.Tensor) -> list[tuple[int, DraftToken]]:
-    """[N, V] draft logits and [N, H] final hidden states -> each row's greedy token and what a policy reads of it."""
-    y = logits.argmax(-1)
+def _draft_tokens(logits: torch.Tensor, hidden: torch.Tensor, sampling: SamplingConfig,
+                  generator: torch.Generator | None) -> list[tuple[int, DraftToken]]:
+    """[N, V] draft logits and [N, H] final hidden states -> each row's drafted token (argmax, or a draw from the
+    warped distribution) and what a policy reads of it."""
+    y = logits.argmax(-1) if sampling.greedy else sample(probs(logits, sampling), generator)
     stats = torch.stack(draft_stats(logits, y), -1).tolist()
     return [(t, DraftToken(*st, h)) for t, st, h in zip(y.tolist(), stats, hidden.float().cpu())]
 
@@ -58,24 +73,26 @@ class _Branch:
 
 @dataclass
 class Trace:
-    """One prompt: the target's greedy output X and what the draft does at every position of it."""
+    """One prompt (and seed): the target's output X and what the draft drafts at every position of it."""
 
     prompt: list[int]
     target: list[int]  # X_0..X_{N-1} (EOS included when the target produced it)
-    draft: list[int]  # D_j: the draft's greedy token given prompt + X_<j
+    draft: list[int]  # D_j: the token a round drafts at j given prompt + X_<j (X_j when accepted, else R_j)
     tokens: list[DraftToken]  # what a policy reads of D_j
     eos: set[int] = field(default_factory=set)
     model: torch.nn.Module | None = None  # the draft, for branches
     cache: DynamicCache | None = None  # the draft's cache after prompt + X
     branches: dict[int, _Branch] = field(default_factory=dict)
+    sampling: SamplingConfig = GREEDY  # how the branches draw (the run's sampling)
+    generator: torch.Generator | None = None  # the branches' draws (sampling only)
 
     @property
     def mismatches(self) -> list[int]:
+        """The positions where a drafted token is rejected (D_j != X_j; a rejected R_j never equals X_j)."""
         return [j for j, (d, x) in enumerate(zip(self.draft, self.target)) if d != x]
 
     def run_token(self, t: int, i: int, first_mismatch: int) -> tuple[int, DraftToken]:
-        """The i-th token (1-based) of the draft's greedy run from prompt + X_<t, whose first mismatch is at
-        `first_mismatch` (>= t)."""
+        """The i-th token (1-based) a round that starts at t drafts, given the first mismatch at or after t."""
         j = t + i - 1
         if j <= first_mismatch:
             return self.draft[j], self.tokens[j]
@@ -83,7 +100,7 @@ class Trace:
 
     @torch.inference_mode()
     def branch(self, m: int, s: int) -> tuple[int, DraftToken]:
-        """Token s (1-based) after D_m of the draft's greedy run from prompt + X_<m + D_m."""
+        """Token s (1-based) after D_m of the draft's run from prompt + X_<m + D_m."""
         b = self.branches.get(m)
         if b is not None and len(b.steps) >= s:
             return b.steps[s - 1]
@@ -98,7 +115,7 @@ class Trace:
         while len(b.steps) < s:
             out = self.model(input_ids=torch.tensor([[b.feed]], device=self.model.device), cache=b.cache,
                              use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            b.steps += _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1])
+            b.steps += _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1], self.sampling, self.generator)
             b.feed = b.steps[-1][0]
         return b.steps[s - 1]
 
@@ -132,7 +149,7 @@ class Trace:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=(start + s)[:, None],
                              cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            drafted = _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1])
+            drafted = _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1], self.sampling, self.generator)
             for row in (~done).nonzero()[:, 0].tolist():
                 steps[row].append(drafted[row])
             feed = torch.tensor([y for y, _ in drafted], device=device)
@@ -150,40 +167,72 @@ class Trace:
 
 
 @torch.inference_mode()
-def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int]) -> Trace:
-    """The draft's greedy token and features at every response position, from one pass over prompt + X."""
+def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int],
+                   sampling: SamplingConfig = GREEDY, target_model: torch.nn.Module | None = None,
+                   generator: torch.Generator | None = None) -> Trace:
+    """The token drafted at every position of X and what a policy reads of it, from one pass of the draft over
+    prompt + X (and, when sampling, one of `target_model` for p): greedy, the draft's argmax D_j; sampling, X_j
+    with probability min(1, q_j(X_j) / p_j(X_j)), else R_j ~ norm(max(0, q_j - p_j)), drawn from `generator`."""
     cache = DynamicCache(config=draft.config)
     ids = torch.tensor([prompt + target], device=draft.device)
     out = draft(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True)
     at = slice(len(prompt) - 1, len(prompt) + len(target) - 1)  # position t predicts token t + 1
-    drafted = _draft_tokens(out.logits[0, at], out.hidden_states[-1][0, at])
-    return Trace(prompt, target, [y for y, _ in drafted], [t for _, t in drafted], eos, draft, cache)
+    logits_q, hidden = out.logits[0, at], out.hidden_states[-1][0, at]  # [N, V], [N, H]
+    if sampling.greedy:
+        drafted = logits_q.argmax(-1)
+    else:
+        if target_model is None:
+            raise ValueError("a sampled trace needs the target model: its p_j decide which drafts are accepted")
+        logits_p = target_model(input_ids=ids.to(target_model.device), logits_to_keep=len(target) + 1).logits
+        p, q = probs(logits_p[0, :-1], sampling).to(logits_q.device), probs(logits_q, sampling)  # [N, V] each
+        x = torch.tensor(target, device=q.device)
+        keep = acceptance_prob(q.gather(-1, x[:, None])[:, 0], p.gather(-1, x[:, None])[:, 0])  # min(1, q/p) at X
+        u = torch.rand(len(target), generator=generator, device=q.device)
+        rejected = sample(residual(q, p), generator)  # norm(max(0, q - p)); drawn everywhere, used where u >= keep
+        drafted = torch.where(u < keep, x, rejected)
+    stats = torch.stack(draft_stats(logits_q, drafted), -1).tolist()
+    tokens = [DraftToken(*st, h) for st, h in zip(stats, hidden.float().cpu())]
+    return Trace(prompt, target, drafted.tolist(), tokens, eos, draft, cache, sampling=sampling, generator=generator)
+
+
+def _seeded(device: torch.device, *parts) -> torch.Generator:
+    """A generator seeded from `parts`, so a trace's draws depend on its key alone, not on what ran before."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
                 eos: set[int], pad_id: int = 0, batch_size: int = 16, progress=None, cache_dir: Path | None = None,
-                branch_length: int = 32, key: dict | None = None):
-    """Traces of `prompts`: the target's greedy outputs in length-bucketed batches (left padding, real masks),
-    then one teacher-forced draft pass per prompt. Yields (index into `prompts`, Trace), shortest prompts first.
+                branch_length: int = 32, key: dict | None = None, sampling: SamplingConfig = GREEDY, seed: int = 0):
+    """Traces of `prompts`: the target's outputs (greedy, or sampled under `sampling` with `seed`) in
+    length-bucketed batches (left padding, real masks), then one teacher-forced pass per prompt. Yields (index into
+    `prompts`, Trace), shortest prompts first.
 
     With `cache_dir`, each trace is completed (every mismatch's branch up to `branch_length` tokens) and saved under
-    a key of `key` (the models' names), the prompt, the length and the branch length; saved traces are loaded
-    instead of recomputed, so an interrupted replay resumes and a later one (new heads, new settings) is cheap.
+    a key of `key` (the models' names), the prompt, the length, the sampling, the seed and the branch length; saved
+    traces are loaded instead of recomputed, so an interrupted replay resumes and a later one (new heads, new
+    settings) is cheap. A damaged saved trace is computed again.
     """
+    mode = None if sampling.greedy else {"sampling": [sampling.temperature, sampling.top_k, sampling.top_p],
+                                         "seed": seed}  # greedy keys stay as they were
+
+    def blob(i: int) -> str:
+        return json.dumps({"key": key, "prompt": prompts[i], "max_new_tokens": max_new_tokens, "eos": sorted(eos),
+                           "branch_length": branch_length, "format": TRACE_FORMAT, **({"mode": mode} if mode else {})},
+                          sort_keys=True)
+
     def path(i: int) -> Path | None:
         if cache_dir is None:
             return None
-        blob = json.dumps({"key": key, "prompt": prompts[i], "max_new_tokens": max_new_tokens, "eos": sorted(eos),
-                           "branch_length": branch_length, "format": TRACE_FORMAT}, sort_keys=True)
-        return Path(cache_dir) / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.safetensors"
+        return Path(cache_dir) / f"{hashlib.sha256(blob(i).encode()).hexdigest()[:24]}.safetensors"
 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     paths = {i: path(i) for i in order}
     todo = [i for i in order if paths[i] is None or not paths[i].is_file()]
     for i in sorted(set(order) - set(todo)):
         try:
-            trace = load_trace(paths[i])
-        except ValueError as e:  # damaged (e.g. truncated by a crash): computed again below
+            trace = load_trace(paths[i], prompts[i])
+        except ValueError as e:  # damaged (truncated by a crash, edited): computed again below
             log.warning("%s; computing it again", e)
             todo.append(i)
             continue
@@ -192,11 +241,13 @@ def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[l
             progress.update()
     todo.sort(key=lambda i: (len(prompts[i]), i))
     for lo in range(0, len(todo), batch_size):
-        generator = torch.Generator(device=target.device).manual_seed(0)  # unused in greedy mode
         batch = todo[lo: lo + batch_size]
-        outputs = sample_responses(target, [prompts[i] for i in batch], GREEDY, max_new_tokens, eos, pad_id, generator)
+        generator = _seeded(target.device, "outputs", seed, [prompts[i] for i in batch]) if mode else None
+        outputs = sample_responses(target, [prompts[i] for i in batch], sampling, max_new_tokens, eos, pad_id,
+                                   generator)
         for i, x in zip(batch, outputs):
-            trace = teacher_forced(draft, prompts[i], x, eos)
+            draws = _seeded(draft.device, "draws", blob(i)) if mode else None
+            trace = teacher_forced(draft, prompts[i], x, eos, sampling, target, draws)
             if cache_dir is not None:
                 save_trace(trace, paths[i], branch_length)
             yield i, trace
@@ -204,7 +255,7 @@ def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[l
                 progress.update()
 
 
-TRACE_FORMAT = 2  # 2: safetensors with JSON metadata (1 was a pickle)
+TRACE_FORMAT = 2  # 2: safetensors with JSON metadata (1 was a pickle); sampled traces add a "mode" to their key
 
 
 def weights_fingerprint(pair) -> list[float]:
@@ -212,9 +263,18 @@ def weights_fingerprint(pair) -> list[float]:
     return [round(x, 6) for model in (pair.target, pair.draft) for x in draft_fingerprint(model)]
 
 
+def _checksum(ids: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(ids.encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
     """Complete every mismatch's branch (to EOS or `branch_length` tokens), then write the trace atomically as
-    safetensors: the token ids in its JSON metadata, statistics and hidden states as tensors (data only, no pickle)."""
+    safetensors: the token ids in its JSON metadata, statistics and hidden states as tensors (data only, no pickle),
+    and a checksum of both."""
     trace.complete_branches(branch_length)
     tensors = {}
 
@@ -227,56 +287,70 @@ def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
     put("trace", trace.tokens)
     for m, b in trace.branches.items():
         put(f"branch.{m}", [t for _, t in b.steps])
-    ids = {"prompt": trace.prompt, "target": trace.target, "draft": trace.draft, "eos": sorted(trace.eos),
-           "branches": {str(m): [y for y, _ in b.steps] for m, b in trace.branches.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"trace": json.dumps(ids), "format": str(TRACE_FORMAT)})
-    tmp.replace(path)
+    ids = json.dumps({"prompt": trace.prompt, "target": trace.target, "draft": trace.draft, "eos": sorted(trace.eos),
+                      "branches": {str(m): [y for y, _ in b.steps] for m, b in trace.branches.items()}})
+    with atomic.writing(path) as tmp:
+        save_file(tensors, tmp, metadata={"trace": ids, "format": str(TRACE_FORMAT),
+                                          "sha256": _checksum(ids, tensors)})
 
 
-def load_trace(path: Path) -> Trace:
-    """A saved trace: complete to its branch length, with no model. Raises ValueError if the file is damaged."""
+def load_trace(path: Path, prompt: list[int] | None = None) -> Trace:
+    """A saved trace: complete to its branch length, with no model. Raises ValueError, naming the file and what is
+    wrong, if it is damaged: unreadable, a key missing, a checksum that does not match, lengths that disagree, or
+    another prompt than `prompt`."""
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"damaged replay trace {path}: {why}")
+
     try:
         with safe_open(path, "pt") as f:
-            ids = json.loads(f.metadata()["trace"])
+            meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise ValueError(f"damaged replay trace {path}: {type(e).__name__}: {e}") from None
+        blob = meta["trace"]
+        ids = json.loads(blob)
+        fields = {k: ids[k] for k in ("prompt", "target", "draft", "eos", "branches")}
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+        raise damaged(f"{type(e).__name__}: {e}") from None
+    if meta.get("sha256") != _checksum(blob, tensors):
+        raise damaged("its checksum does not match its content")
+    n = len(fields["target"])
 
-    def tokens(name: str) -> list[DraftToken]:
-        if f"{name}.stats" not in tensors:
+    def tokens(name: str, length: int) -> list[DraftToken]:
+        if length == 0:
             return []
-        return [DraftToken(*map(float, s), h) for s, h in zip(tensors[f"{name}.stats"], tensors[f"{name}.hidden"])]
+        stats, hidden = tensors.get(f"{name}.stats"), tensors.get(f"{name}.hidden")
+        if stats is None or hidden is None or stats.shape != (length, 3) or hidden.shape[0] != length:
+            raise damaged(f"{name} holds features for {None if stats is None else tuple(stats.shape)} tokens, "
+                          f"its ids {length}")
+        return [DraftToken(*map(float, s), h) for s, h in zip(stats, hidden)]
 
-    trace = Trace(ids["prompt"], ids["target"], ids["draft"], tokens("trace"), set(ids["eos"]))
-    for m, ys in ids["branches"].items():
+    if len(fields["draft"]) != n:
+        raise damaged(f"{len(fields['draft'])} drafted ids for {n} output tokens")
+    if prompt is not None and fields["prompt"] != prompt:
+        raise damaged("it holds another prompt than its key's")
+    trace = Trace(fields["prompt"], fields["target"], fields["draft"], tokens("trace", n), set(fields["eos"]))
+    for m, ys in fields["branches"].items():
+        if not m.isdigit() or int(m) >= n or trace.draft[int(m)] == trace.target[int(m)]:
+            raise damaged(f"a branch at {m}, which is no rejected position of its {n} tokens")
         m = int(m)
-        trace.branches[m] = _Branch(None, ys[-1] if ys else ids["draft"][m], list(zip(ys, tokens(f"branch.{m}"))))
+        trace.branches[m] = _Branch(None, ys[-1] if ys else trace.draft[m], list(zip(ys, tokens(f"branch.{m}",
+                                                                                               len(ys)))))
     return trace
 
 
 def replay_generation(trace: Trace, policy: LengthPolicy, max_new_tokens: int) -> GenerationStats:
-    """Greedy speculative decoding of `trace.prompt` under `policy`, simulated: the rounds, counts and stop reasons
-    `speculative_generate` would book (see the module docstring for where this is exact)."""
-    x, eos, n_out = trace.target, trace.eos, len(trace.target)
+    """Speculative decoding of `trace.prompt` under `policy`, simulated: the rounds, counts and stop reasons
+    `speculative_generate` books (greedy: exactly; sampling: in distribution; see the module docstring)."""
+    x, n_out = trace.target, len(trace.target)
     mismatch = [n_out] * (n_out + 1)  # first mismatch at or after j (n_out: none)
     for j in range(n_out - 1, -1, -1):
         mismatch[j] = j if trace.draft[j] != x[j] else mismatch[j + 1]
-    stats = GenerationStats(prompt_tokens=len(trace.prompt), hindsight=policy.hindsight)
-    policy.reset()
-    t = 0  # tokens committed
-    while t < n_out:
-        round_ = RoundState(policy, t, max_new_tokens)
+    seq = Sequence(trace.prompt, policy, max_new_tokens, trace.eos)
+    while not seq.done and seq.generated < n_out:
+        t = seq.generated
+        round_ = seq.begin_round()
         while round_.drafting:
-            y, token = trace.run_token(t, len(round_.candidates) + 1, mismatch[t])
-            round_.add(y, token, eos)
-        cand = round_.candidates
-        stats.draft_calls += len(cand)
-        n = next((i for i in range(len(cand)) if cand[i] != x[t + i]), len(cand))
-        new = round_.close(stats, n, x[t + n] if t + n < n_out else -1, eos)
-        t += len(new)
-        if new[-1] in eos:
-            break
-    stats.new_tokens = t
-    return stats
+            seq.draft(*trace.run_token(t, len(round_.candidates) + 1, mismatch[t]))
+        n = min(mismatch[t] - t, len(round_.candidates))  # accepted: the candidates before the first mismatch
+        # the target's token at t + n; past the output's end only after an accepted EOS, which commits none
+        seq.commit(n, x[t + n] if t + n < n_out else None)
+    return seq.finish()

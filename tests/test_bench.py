@@ -120,9 +120,27 @@ def test_notebook_executes_on_the_tiny_runs(tiny_sweep, tiny_train_run, monkeypa
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # calibration, reliability, Pareto figures
 
 
-def test_replay_is_refused_at_temperature_above_zero(tmp_path, tiny_head):
-    with pytest.raises(ValueError, match="exact for greedy decoding only"):
-        Benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", temperature=1.0))
+def test_a_sampled_replay_runs_every_seed_and_keeps_each_seeds_traces(tmp_path, tiny_head, monkeypatch):
+    """`mode=replay temperature=1.0`: one record per prompt, seed and setting; the seeds draw other outputs; a second
+    run reads the cached traces (no model pass) and books the same rounds."""
+    monkeypatch.setenv("SPECDECPP_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg(tmp_path, tiny_head, mode="replay", temperature=1.0, top_k=50, datasets="[alpaca]",
+                   prompts_per_dataset=2, seeds="[0,1]", max_new_tokens=10)
+    run_benchmark(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 2 * 8 and {r["seed"] for r in records} == {0, 1}
+    traces = sorted((tmp_path / "cache" / "traces").glob("*.safetensors"))
+    assert len(traces) == 4  # 2 prompts x 2 seeds
+    rounds = {(r["prompt_id"], r["seed"], r["setting"]): r["round_detail"] for r in records}
+    assert any(rounds[(0, 0, s)] != rounds[(0, 1, s)] for s in ("constant k=3", "oracle lookahead=6"))
+
+    import specdecpp.replay as replay
+
+    monkeypatch.setattr(replay, "sample_responses", None)  # a cached run must not generate
+    run_benchmark(tiny_cfg(tmp_path, tiny_head, mode="replay", temperature=1.0, top_k=50, datasets="[alpaca]",
+                           prompts_per_dataset=2, seeds="[0,1]", max_new_tokens=10, out_dir=tmp_path / "again"))
+    again = [json.loads(line) for line in (tmp_path / "again" / "records.jsonl").read_text().splitlines()]
+    assert {(r["prompt_id"], r["seed"], r["setting"]): r["round_detail"] for r in again} == rounds
 
 
 def test_costs_given_to_a_timed_engine_run_are_refused_not_ignored(tmp_path, tiny_head, no_model_loading):

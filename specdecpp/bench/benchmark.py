@@ -1,8 +1,8 @@
 """The benchmark module: `Benchmark.run()` walks datasets x seeds x prompts and, for each prompt, every policy
 setting in turn (the target-only baseline first), so every speedup is a ratio measured side by side in one process.
 In engine mode every setting is decoded and timed (or, with `priced`, priced by a cost model measured at the start:
-free of machine noise and of batching); in replay mode (greedy only) every setting is simulated from one pass of
-each model per prompt (`specdecpp.replay`) and priced by that cost model."""
+free of machine noise and of batching); in replay mode every setting is simulated from one pass of
+each model per prompt and seed (`specdecpp.replay`) and priced by that cost model."""
 
 from __future__ import annotations
 
@@ -152,27 +152,30 @@ class Benchmark:
             yield seed, list(range(lo, lo + len(ids))), generate
 
     def _replayed(self, dataset: str, prompts: list[str]):
-        """Replay mode: (seed, [prompt id], simulate under a policy), priced by the cost model, per prompt."""
-        from ..data import pad_token_id
+        """Replay mode: (seed, [prompt id], simulate under a policy), priced by the cost model, per prompt and seed
+        (greedy: one trace per prompt serves every seed)."""
         from ..models import cache_dir
+        from ..passes import pad_token_id
         from ..replay import make_traces, replay_generation
 
         tok = self.pair.tokenizer
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         longest = max(self.policy(s).most_per_round for s in self.settings)
-        traces = make_traces(self.pair.target, self.pair.draft, [self.pair.encode(p) for p in prompts],
-                             self.cfg.max_new_tokens, eos, pad_token_id(tok), self.cfg.trace_batch_size,
-                             cache_dir=cache_dir() / "traces" if self.cfg.trace_cache else None,
-                             branch_length=longest, key=self._trace_key)
-        for pid, trace in traces:
-            def simulate(policy, trace=trace):
-                stats = self._priced(replay_generation(trace, policy, self.cfg.max_new_tokens))
-                stats.total_s = stats.priced_s  # a replay has no wall time of its own
-                return [(stats, policy)]
-            yield self.cfg.seeds[0], [pid], simulate
-            for cb in self.callbacks:  # after every setting ran on it: its branches are there
-                cb.on_trace(self, dataset, self.cfg.prompt_offset + pid, trace)
-            trace.release()
+        encoded = [self.pair.encode(p) for p in prompts]
+        for seed in self.cfg.seeds[:1] if self.sampling.greedy else self.cfg.seeds:
+            traces = make_traces(self.pair.target, self.pair.draft, encoded, self.cfg.max_new_tokens, eos,
+                                 pad_token_id(tok), self.cfg.trace_batch_size,
+                                 cache_dir=cache_dir() / "traces" if self.cfg.trace_cache else None,
+                                 branch_length=longest, key=self._trace_key, sampling=self.sampling, seed=seed)
+            for pid, trace in traces:
+                def simulate(policy, trace=trace):
+                    stats = self._priced(replay_generation(trace, policy, self.cfg.max_new_tokens))
+                    stats.total_s = stats.priced_s  # a replay has no wall time of its own
+                    return [(stats, policy)]
+                yield seed, [pid], simulate
+                for cb in self.callbacks:  # after every setting ran on it: its branches are there
+                    cb.on_trace(self, dataset, self.cfg.prompt_offset + pid, trace)
+                trace.release()
 
     @functools.cached_property
     def _trace_key(self) -> dict:

@@ -179,8 +179,8 @@ class WhatIf(Callback):
 
 
 class SignalReport(Callback):
-    """Replay mode: how well the draft's statistics and each acceptance head predict acceptance of the draft's greedy
-    token along the traces (AUROC, ECE, stop-event calibration), per dataset: signals.json."""
+    """Replay mode: how well the draft's statistics and each acceptance head predict acceptance of the token drafted
+    at each position of the traces (greedy: the draft's argmax; sampling: the coupled draw) (AUROC, ECE, stop-event calibration), per dataset: signals.json."""
 
     def on_start(self, bench):
         self.signals: dict[str, list] = {}
@@ -200,7 +200,7 @@ class SignalReport(Callback):
         self.result = {d: signal_report(s, heads) for d, s in self.signals.items()}
         (bench.out_dir / "signals.json").write_text(json.dumps(self.result, indent=2))
         for d, r in self.result.items():
-            print(f"{d}: AUROC for acceptance of the draft's greedy token ({r['positions']} positions, "
+            print(f"{d}: AUROC for acceptance of the drafted token ({r['positions']} positions, "
                   f"{r['rejections']} rejected): " + ", ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items()))
 
 

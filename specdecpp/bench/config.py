@@ -48,8 +48,9 @@ class BenchConfig:
     # continue the run that was interrupted in `<out_dir>.running`: keep its records, decode only what they lack
     # (its config must match this one; a priced run keeps its cost model); nothing there: start afresh
     resume: bool = False
-    # "engine": decode every setting and time it; "replay": greedy only, simulate every setting from one pass of
-    # each model per prompt (specdecpp/replay.py) and price it with a cost model (measured here unless given)
+    # "engine": decode every setting and time it; "replay": simulate every setting from one pass of each model per
+    # prompt and seed (specdecpp/replay.py: exact when greedy, exact in distribution when sampling) and price it
+    # with a cost model (measured here unless given)
     mode: str = "engine"
     batch_size: int = 1  # engine: prompts decoded together (speeds are then throughput: see GenerationStats.charged_s)
     # engine: price every generation's counts by the cost model measured at the start (as replay does) instead of
@@ -128,9 +129,6 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.mode not in ("engine", "replay"):
         raise ValueError(f"mode must be 'engine' or 'replay', got {cfg.mode!r}")
-    if cfg.mode == "replay" and cfg.temperature != 0:
-        raise ValueError(f"replay is exact for greedy decoding only (temperature 0), got temperature "
-                         f"{cfg.temperature}: set temperature: 0, or mode: engine to decode and time every setting")
     given = [k for k in ("draft_cost", "verify_cost", "round_cost") if getattr(cfg, k) is not None]
     if given and cfg.mode == "engine" and not cfg.priced:
         raise ValueError(f"{', '.join(given)} price a run's counts, and this engine run is timed, not priced: set "

@@ -1,0 +1,135 @@
+"""The replay at temperature > 0 (top-k and top-p too) against the engine, in distribution: chi-square tests on a
+one-layer pair over 8 tokens, with a negative control that shows the test catches the classic coupling mistake."""
+
+import pytest
+import torch
+from conftest import ALPHA, VOCAB, chi_square_p_value
+
+from specdecpp import speculative_generate
+from specdecpp.policies import ConstantK, Confidence, OnlineConfidence, SpecDecPP
+from specdecpp.passes import sample_responses
+from specdecpp.replay import load_trace, make_traces, replay_generation, save_trace, teacher_forced
+
+PROMPT, NEW, N = [1, 2], 6, 1500
+
+
+def two_sample_p_value(a: dict, b: dict) -> float:
+    """Chi-square test that two samples of equal size come from one distribution: each side's expected count in a
+    cell is half the cell's total (cells with expected count < 5 pooled)."""
+    n_a, n_b = sum(a.values()), sum(b.values())
+    assert n_a == n_b
+    pooled = {k: (a.get(k, 0) + b.get(k, 0)) / (2 * n_a) for k in a.keys() | b.keys()}
+    # two goodness-of-fit tests against the pooled estimate, combined: Pearson's homogeneity statistic
+    stat, cells, small_a, small_b, small_e = 0.0, 0, 0, 0, 0.0
+    for k, p in pooled.items():
+        e = p * n_a
+        if e < 5:
+            small_a, small_b, small_e = small_a + a.get(k, 0), small_b + b.get(k, 0), small_e + e
+            continue
+        stat, cells = stat + ((a.get(k, 0) - e) ** 2 + (b.get(k, 0) - e) ** 2) / e, cells + 1
+    if small_e > 0:
+        stat, cells = stat + ((small_a - small_e) ** 2 + (small_b - small_e) ** 2) / small_e, cells + 1
+    return float(torch.special.gammaincc(torch.tensor((cells - 1) / 2), torch.tensor(stat / 2)))
+
+
+def first_rounds(stats) -> tuple:
+    """What the test compares: the first two rounds' (drafted, accepted), and the target calls of the generation."""
+    head = [(r.drafted, r.accepted) for r in stats.rounds[:2]]
+    return (*head, stats.target_calls)
+
+
+def policies(hidden: int):
+    torch.manual_seed(0)
+    return [ConstantK(3), Confidence(0.5, k_max=5), OnlineConfidence(0.5, lr=0.5, k_max=5),
+            SpecDecPP(torch.nn.Linear(hidden, 1), threshold=0.5, k_min=1, k_max=5)]
+
+
+def coupled_traces(target, draft, cfg, n: int = N, seed: int = 0):
+    """n traces of one prompt: n outputs sampled in one batch, each with its own draw of the coupling."""
+    g = torch.Generator().manual_seed(seed)
+    outputs = sample_responses(target, [PROMPT] * n, cfg, NEW, set(), 0, g)
+    return [teacher_forced(draft, PROMPT, x, set(), cfg, target, g) for x in outputs]
+
+
+@pytest.fixture(scope="module")
+def sampled_traces(sampling_setup):
+    target, draft, cfg, _ = sampling_setup
+    return coupled_traces(target, draft, cfg)
+
+
+def engine_counts(target, draft, policy, cfg) -> dict:
+    """N engine generations of PROMPT, in batches of 500 rows (each row its own policy copy and draws; a batch row
+    follows the target's distribution as a lone prompt does: tests/test_batched.py)."""
+    counts = {}
+    g = torch.Generator().manual_seed(10_000)
+    for lo in range(0, N, 500):
+        for gen in speculative_generate(target, draft, [PROMPT] * min(500, N - lo), policy, cfg, NEW, generator=g):
+            key = first_rounds(gen.stats)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def engine_runs(sampling_setup):
+    target, draft, cfg, _ = sampling_setup
+    return {i: engine_counts(target, draft, p, cfg) for i, p in enumerate(policies(target.config.hidden_size))}
+
+
+def replay_counts(traces, policy) -> dict:
+    counts = {}
+    for trace in traces:
+        key = first_rounds(replay_generation(trace, policy, NEW))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("index", range(4), ids=["constant", "confidence", "online_confidence", "specdecpp"])
+def test_sampled_replay_books_the_engines_rounds_in_distribution(sampling_setup, sampled_traces, engine_runs, index):
+    """The joint distribution of the first two rounds' (drafted, accepted) and the target calls per generation,
+    replay against engine (1,500 each, T = 1 with top-k 6 and top-p 0.95). Fails by chance with probability
+    ALPHA = 0.001 per policy (seeded, so reproducible)."""
+    target, _, _, _ = sampling_setup
+    policy = policies(target.config.hidden_size)[index]
+    replayed, engine = replay_counts(sampled_traces, policy), engine_runs[index]
+    assert len(engine) > 5  # the rounds vary: the test compares something
+    assert two_sample_p_value(replayed, engine) > ALPHA
+
+
+def test_negative_control_the_mirrored_acceptance_is_caught(sampling_setup, engine_runs, monkeypatch):
+    """Accepting X_j with probability min(1, p/q) (the engine's formula applied to the output instead of
+    min(1, q/p)) is the classic mistake of a coupling; the same test must reject it."""
+    import specdecpp.replay as replay
+
+    target, draft, cfg, _ = sampling_setup
+    monkeypatch.setattr(replay, "acceptance_prob", lambda q_x, p_x: torch.clamp(p_x / q_x.clamp_min(1e-12), max=1.0))
+    wrong = coupled_traces(target, draft, cfg, seed=1)
+    assert two_sample_p_value(replay_counts(wrong, ConstantK(3)), engine_runs[0]) < ALPHA
+
+
+def test_sampled_traces_output_the_target_distribution(sampling_setup):
+    """The outputs X of N traces, 3 tokens each, against the target's exact continuation probabilities."""
+    from conftest import LENGTH
+
+    target, draft, cfg, expected = sampling_setup
+    counts = {}
+    for s in range(N // 10):  # 150 calls of 10 prompts: make_traces' own seeding, batching and draws
+        for _, trace in make_traces(target, draft, [PROMPT] * 10, LENGTH, set(), sampling=cfg,
+                                    seed=s):
+            counts[tuple(trace.target)] = counts.get(tuple(trace.target), 0) + 1
+    assert all(len(k) == LENGTH and max(k) < VOCAB for k in counts)
+    assert chi_square_p_value(counts, expected, N) > ALPHA
+
+
+def test_a_sampled_trace_is_reproducible_and_its_seed_matters(sampling_setup, tmp_path):
+    target, draft, cfg, _ = sampling_setup
+    a = next(make_traces(target, draft, [PROMPT], 20, set(), sampling=cfg, seed=3))[1]
+    b = next(make_traces(target, draft, [PROMPT], 20, set(), sampling=cfg, seed=3))[1]
+    assert (a.target, a.draft) == (b.target, b.draft)
+    others = [next(make_traces(target, draft, [PROMPT], 20, set(), sampling=cfg, seed=s))[1] for s in range(4, 8)]
+    assert any(o.target != a.target for o in others)
+    # saved with its branches and reloaded: the same rounds for every policy
+    save_trace(a, tmp_path / "t.safetensors", branch_length=6)
+    c = load_trace(tmp_path / "t.safetensors")
+    for policy in policies(target.config.hidden_size):
+        assert [(r.drafted, r.accepted) for r in replay_generation(c, policy, 20).rounds] == \
+            [(r.drafted, r.accepted) for r in replay_generation(a, policy, 20).rounds]

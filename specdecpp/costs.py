@@ -30,6 +30,10 @@ class CostModel:
     def seconds(self, target_calls: int, drafted: int, verified_rounds: int = 0) -> float:
         return self.target_s * (target_calls + self.round_cost * verified_rounds + (self.draft + self.verify) * drafted)
 
+    def round_units(self, drafted: int) -> float:
+        """A round's cost in target calls: 1 for a one-token call, 1 + r + (c + v) K for one that drafted K > 0."""
+        return 1.0 + (self.round_cost + (self.draft + self.verify) * drafted if drafted > 0 else 0.0)
+
     def threshold(self) -> float:
         """Theorem 3.1's threshold with Delta = 0 (not in the paper, which tunes h because Delta is unknown)."""
         return suggest_threshold(self.draft + self.verify, 1.0 + self.round_cost)
@@ -41,6 +45,28 @@ def suggest_threshold(t_draft: float, t_target: float) -> float:
     c2 = t_target - t_draft (the cost of a verification beyond a drafted token)."""
     c1, c2 = t_draft, max(t_target - t_draft, 0.0)
     return c2 / (c1 + c2) if c1 + c2 > 0 else 0.5
+
+
+def worth_drafting(accept: list[float], drafted: int, costs: CostModel, tokens_before: float = 0.0,
+                   cost_before: float = 0.0) -> bool:
+    """Threshold-free stopping: whether drafting one more token raises the expected tokens per unit cost.
+
+    `accept` holds the calibrated P(Y_j accepted | Y_<j accepted) of the tokens drafted so far (`drafted` of them;
+    a lagged head has one fewer). With A_j = P_1 ... P_j, a round that stops now commits E = 1 + sum_j A_j tokens in
+    expectation and costs C = 1 + r + (c + v) K. One more token adds A_K P_{K+1} expected tokens for c + v. Over a
+    generation the rate to maximise is tokens / cost, so (renewal-reward; Dinkelbach) the token is worth drafting
+    iff A_K P_{K+1} > rho (c + v), with rho the generation's expected rate so far, (tokens_before + E) /
+    (cost_before + C). P_{K+1} is not known before drafting Y_{K+1}; the last P_K stands in for it.
+    With P_{K+1} = 1 this is SpecDec++'s rule with h = 1 - rho (c + v): a threshold the costs set, round by round.
+    """
+    if not accept:
+        return True  # nothing predicted yet (a lagged head's first token)
+    a = expected = 1.0
+    for p in accept:
+        a *= p
+        expected += a
+    rate = (tokens_before + expected) / (cost_before + costs.round_units(drafted))
+    return a * accept[-1] > rate * (costs.draft + costs.verify)
 
 
 @torch.inference_mode()

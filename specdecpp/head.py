@@ -18,6 +18,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -134,10 +135,25 @@ class AcceptanceHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> AcceptanceHead:
+        """A head exported by `save_pretrained` (or an upstream SpecDec++ checkpoint); a damaged folder is refused
+        with the file and what is wrong with it."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"no acceptance head at {path} (expected {CONFIG} and weights)")
-        config = json.loads((path / CONFIG).read_text())
+        try:
+            config = json.loads((path / CONFIG).read_text())
+            if not isinstance(config, dict):
+                raise ValueError(f"a JSON object was expected, got {type(config).__name__}")
+        except ValueError as e:
+            raise ValueError(f"acceptance head {path}: {path / CONFIG} is not a valid head config ({e})") from None
+        try:
+            return cls._load(path, config, map_location)
+        except (SafetensorError, KeyError, RuntimeError, OSError, ValueError) as e:
+            raise ValueError(f"acceptance head {path} is damaged or incomplete: {type(e).__name__}: {e} (files: "
+                             f"{sorted(f.name for f in path.iterdir())}); export it again") from None
+
+    @classmethod
+    def _load(cls, path: Path, config: dict, map_location: str) -> AcceptanceHead:
         if config.get("format") == "specdecpp":
             head = cls(config["hidden_size"], config["num_layers"], config.get("draft"), config.get("n_stats", 0),
                        config.get("use_hidden", True))

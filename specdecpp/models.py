@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
+from .atomic import replace_dir
 from .decoding import Generation, context_length, speculative_generate
 from .policies import LengthPolicy
 from .sampling import SamplingConfig
@@ -85,10 +86,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def default_gguf() -> Path:
@@ -118,9 +116,7 @@ def tiny_random(out_dir: Path | None = None) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".partial")
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.replace(out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def resolve(name_or_path: str | Path) -> str:
@@ -256,6 +252,10 @@ class ModelPair:
                 raise ValueError(f"prompt {row} of the batch: {e}" if batch else str(e)) from None
         if truncate:
             room = context_length(self.target, self.draft) - max_new_tokens
+            if room < 1:
+                raise ValueError(f"max_new_tokens {max_new_tokens} alone fills the models' context of "
+                                 f"{context_length(self.target, self.draft)} positions: no prompt token would be left "
+                                 f"after truncation; lower max_new_tokens")
             ids = [p[max(len(p) - room, 0):] for p in ids]
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         outs = speculative_generate(self.target, self.draft, ids, policy, sampling, max_new_tokens,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no backend forced on a notebook
 
+from . import atomic
+
 
 def reliability_figure(rel: dict, title: str = "acceptance head calibration (soft labels)"):
     """Mean true acceptance against mean predicted acceptance per bin; bar height below shows the bin counts."""
@@ -34,11 +36,9 @@ STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heurist
 def save(fig, path: Path) -> Path:
     """Write `fig` as a PNG under `path` atomically (a temporary sibling, then a rename): an interrupted redraw
     leaves the previous figure whole. Nothing is clipped: the image grows to hold a title wider than the axes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")  # a long title or label widens the image
-    tmp.replace(path)
-    return path
+    with atomic.writing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")  # a long title or label widens the image
+    return Path(path)
 
 
 def style(policy: str) -> tuple[str, str | None]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .costs import worth_drafting
+
 
 @dataclass
 class DraftToken:
@@ -127,9 +129,12 @@ class Heuristic(LengthPolicy):
         return {"k": self.k0}
 
 
+AUTO = "auto"  # a rejection rule's threshold chosen by the cost model, round by round (costs.worth_drafting)
+
+
 def _check_threshold(h: float) -> float:
-    if not 0.0 <= h <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {h}")
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] (a number; a rejection rule also takes 'auto'), got {h!r}")
     return h
 
 
@@ -323,16 +328,75 @@ class OnlineCalibration:
             raise ValueError(f"the online calibration's learning rate must be > 0, got {lr}")
         self.lr, self.a, self.b = lr, 1.0, 0.0
 
-    def prob(self, z: float) -> float:
+    def restart(self) -> OnlineCalibration:
+        return OnlineCalibration(self.lr)
+
+    def prob(self, z: float, i: int = 1) -> float:
         return 1.0 / (1.0 + math.exp(-(self.a * z + self.b)))
 
     def update(self, logits: list[float], accepted: int) -> None:
         """`logits` of Y_1..Y_m in drafting order; the first `accepted` of them were accepted."""
-        labels = [1.0] * min(accepted, len(logits)) + ([0.0] if accepted < len(logits) else [])
-        for z, y in zip(logits, labels):
+        for z, y in zip(logits, _labels(len(logits), accepted)):
             g = self.prob(z) - y  # d(log loss)/d(a z + b)
             self.a -= self.lr * g * z
             self.b -= self.lr * g
+
+
+def _labels(drafted: int, accepted: int) -> list[float]:
+    """Y_1..Y_n accepted (1), Y_{n+1} rejected (0) when n < drafted; later tokens were never judged."""
+    return [1.0] * min(accepted, drafted) + ([0.0] if accepted < drafted else [])
+
+
+class PositionCalibration:
+    """vLLM 0.32's OnlineAcceptanceEstimator: P^ = sigmoid(a z + b_i), one slope shared by every position and an
+    intercept per position i in the round (positions past `positions` share the last), refitted every
+    `refit_every` rounds by Newton-IRLS on every outcome seen so far. A ridge penalty `l2` pulls (a, b) towards the
+    identity map (1, 0), where it starts, so a refit on few outcomes stays near it."""
+
+    def __init__(self, refit_every: int = 8, positions: int = 8, l2: float = 1.0, iterations: int = 5):
+        if not (refit_every >= 1 and positions >= 1 and l2 > 0 and iterations >= 1):
+            raise ValueError(f"per-position calibration needs refit_every >= 1, positions >= 1, l2 > 0 and "
+                             f"iterations >= 1, got {refit_every}, {positions}, {l2}, {iterations}")
+        self.refit_every, self.positions, self.l2, self.iterations = refit_every, positions, l2, iterations
+        self.theta = torch.zeros(1 + positions, dtype=torch.float64)
+        self.theta[0] = 1.0
+        self.rows: list[tuple[float, int, float]] = []  # (z, position, label)
+        self.rounds = 0
+
+    def restart(self) -> PositionCalibration:
+        return PositionCalibration(self.refit_every, self.positions, self.l2, self.iterations)
+
+    def prob(self, z: float, i: int = 1) -> float:
+        logit = float(self.theta[0]) * z + float(self.theta[min(i, self.positions)])
+        return 1.0 / (1.0 + math.exp(-logit))
+
+    def update(self, logits: list[float], accepted: int) -> None:
+        self.rows += [(z, i, y) for i, (z, y) in enumerate(zip(logits, _labels(len(logits), accepted)), 1)]
+        self.rounds += 1
+        if self.rounds % self.refit_every == 0:
+            self.theta = irls_fit(self.rows, self.positions, self.l2, self.iterations, self.theta)
+
+
+def irls_fit(rows: list[tuple[float, int, float]], positions: int, l2: float, iterations: int,
+             start: torch.Tensor) -> torch.Tensor:
+    """Newton-IRLS for the logistic model sigmoid(a z + b_i) on (z, i, label) rows, with a ridge penalty
+    l2 / 2 |theta - (1, 0, ..., 0)|^2; returns theta = (a, b_1..b_positions)."""
+    prior = torch.zeros(1 + positions, dtype=torch.float64)
+    prior[0] = 1.0
+    theta = start.clone()
+    if not rows:
+        return theta
+    data = torch.tensor(rows, dtype=torch.float64)
+    x = torch.zeros(len(rows), 1 + positions, dtype=torch.float64)
+    x[:, 0] = data[:, 0]
+    x[torch.arange(len(rows)), data[:, 1].long().clamp(max=positions)] = 1.0
+    y = data[:, 2]
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ theta)
+        grad = x.T @ (p - y) + l2 * (theta - prior)
+        hess = x.T @ (x * (p * (1 - p))[:, None]) + l2 * torch.eye(1 + positions, dtype=torch.float64)
+        theta = theta - torch.linalg.solve(hess, grad)
+    return theta
 
 
 class RejectionRule(TokenRule):
@@ -344,10 +408,13 @@ class RejectionRule(TokenRule):
     P(>= 1 rejection) when the round ended, whether verification rejected one of the tokens it covers, K): the
     benchmark's stop calibration."""
 
-    def __init__(self, threshold: float, k_min: int, k_max: int, online: OnlineCalibration | None):
+    def __init__(self, threshold: float | str, k_min: int, k_max: int,
+                 online: OnlineCalibration | PositionCalibration | None, persist: bool = False):
         super().__init__(k_min, k_max)
-        self.threshold = _check_threshold(threshold)
-        self.online = online
+        self.threshold = threshold if threshold == AUTO else _check_threshold(threshold)
+        self.online, self.persist = online, persist
+        self.costs = None  # threshold "auto": the CostModel its stops are priced by (the benchmark sets it)
+        self.spent = (0.0, 0.0)  # threshold "auto": this generation's (tokens committed, cost) so far
         self.p_all_accepted = 1.0
         self.predictions: list[float] = []  # P^_j of the current round, for inspection
         self.logits: list[float] = []  # z_j of the current round, for the online update
@@ -358,9 +425,9 @@ class RejectionRule(TokenRule):
         raise NotImplementedError
 
     def reset(self) -> None:
-        self.stop_log = []
-        if self.online is not None:
-            self.online = OnlineCalibration(self.online.lr)
+        self.stop_log, self.spent = [], (0.0, 0.0)
+        if self.online is not None and not self.persist:
+            self.online = self.online.restart()
 
     def begin_round(self) -> int:
         self.p_all_accepted = 1.0
@@ -374,9 +441,19 @@ class RejectionRule(TokenRule):
             self.predictions.append(p_hat)
             self.logits.append(z)
             self.p_all_accepted *= p_hat
-        return i < self.k_min or 1.0 - self.p_all_accepted <= self.threshold
+        if i < self.k_min:
+            return True
+        if self.threshold != AUTO:
+            return 1.0 - self.p_all_accepted <= self.threshold
+        if self.costs is None:
+            raise ValueError(f"{self.name} with threshold 'auto' needs a cost model to price its stops: set its "
+                             f"`costs` (specdecpp.costs.measure_costs, or the benchmark does it)")
+        return worth_drafting(self.predictions, i, self.costs, *self.spent)
 
     def end_round(self, drafted: int, accepted: int) -> None:
+        if self.costs is not None:
+            tokens, cost = self.spent
+            self.spent = (tokens + accepted + 1, cost + self.costs.round_units(drafted))
         if self.predictions:  # the predictions cover Y_1..Y_n (n = drafted, or drafted - 1 for a lagged head)
             self.stop_log.append((1.0 - self.p_all_accepted, int(accepted < len(self.predictions)), drafted))
         if self.online is not None:  # logits[j] scores Y_{j+1}, lagged head or not
@@ -384,22 +461,30 @@ class RejectionRule(TokenRule):
 
 
 class OnlineConfidence(RejectionRule):
-    """The rejection rule on the draft's own confidence: z_j = logit q(Y_j), calibrated online from this
-    generation's outcomes (vLLM's adaptive verification); it starts from the identity map, P^_j = q(Y_j)."""
+    """The rejection rule on the draft's own confidence: z_j = logit q(Y_j), calibrated online from the outcomes
+    (vLLM's adaptive verification); it starts from the identity map, P^_j = q(Y_j). By default one slope and one
+    intercept by SGD (`lr`); `per_position` fits vLLM 0.32's estimator instead (a shared slope, an intercept per
+    position in the round, Newton-IRLS every `refit_every` rounds: `PositionCalibration`). Each generation starts
+    afresh unless `persist`, when the fit carries over the generations this policy object decodes, in their order
+    (a benchmark then keeps one object per setting)."""
 
     name = "online_confidence"
 
-    def __init__(self, threshold: float = 0.5, lr: float = 0.05, k_min: int = 1, k_max: int = 20):
-        super().__init__(threshold, k_min, k_max, OnlineCalibration(lr))
+    def __init__(self, threshold: float | str = 0.5, lr: float = 0.05, k_min: int = 1, k_max: int = 20,
+                 per_position: bool = False, refit_every: int = 8, persist: bool = False):
+        online = PositionCalibration(refit_every) if per_position else OnlineCalibration(lr)
+        super().__init__(threshold, k_min, k_max, online, persist)
 
     def estimate(self, i: int, token: DraftToken) -> tuple[float, float]:
         q = min(max(token.prob, 1e-6), 1 - 1e-6)
         z = math.log(q / (1 - q))
-        return self.online.prob(z), z
+        return self.online.prob(z, i), z
 
     @property
     def params(self) -> dict:
-        return {"threshold": self.threshold, "lr": self.online.lr, **super().params}
+        fit = {"per_position": True, "refit_every": self.online.refit_every} \
+            if isinstance(self.online, PositionCalibration) else {"lr": self.online.lr}
+        return {"threshold": self.threshold, **fit, **({"persist": True} if self.persist else {}), **super().params}
 
 
 class SpecDecPP(RejectionRule):
@@ -415,8 +500,8 @@ class SpecDecPP(RejectionRule):
     name = "specdecpp"
     needs_hidden = True
 
-    def __init__(self, head: Callable[..., torch.Tensor], threshold: float = 0.7, k_min: int = 2, k_max: int = 20,
-                 online_lr: float = 0.0):
+    def __init__(self, head: Callable[..., torch.Tensor], threshold: float | str = 0.7, k_min: int = 2,
+                 k_max: int = 20, online_lr: float = 0.0):
         super().__init__(threshold, k_min, k_max, OnlineCalibration(online_lr) if online_lr else None)
         self.head = head
         self.needs_stats = getattr(head, "n_stats", 0) > 0
@@ -441,7 +526,7 @@ class SpecDecPP(RejectionRule):
         z = float(logit.reshape(()))
         if self.online is None:
             return float(torch.sigmoid(logit).reshape(())), z
-        return self.online.prob(z), z
+        return self.online.prob(z, i), z
 
     @property
     def params(self) -> dict:

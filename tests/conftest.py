@@ -77,7 +77,17 @@ def all_policies(hidden: int = 32):
             AdaptiveConfidence(0.4, k_max=6), SVIP(k_max=6), AdaEDL(lam=0.5, k_max=6), Margin(0.3, k_max=6),
             SpecDecPP(head, threshold=0.5, k_min=1, k_max=6), SpecDecPP(head, threshold=0.9, k_min=2, k_max=10),
             SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6), OnlineConfidence(0.5, lr=0.5, k_max=6),
-            SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6, online_lr=0.5), Oracle(lookahead=6)]
+            SpecDecPP(stats_head, threshold=0.5, k_min=1, k_max=6, online_lr=0.5), Oracle(lookahead=6),
+            priced(OnlineConfidence("auto", k_max=6, per_position=True, refit_every=2)),
+            priced(SpecDecPP(stats_head, threshold="auto", k_min=1, k_max=6))]
+
+
+def priced(policy):
+    """A rejection rule with threshold 'auto' and a CPU-like cost model to price its stops."""
+    from specdecpp.costs import CostModel
+
+    policy.costs = CostModel(target_s=1.0, draft=0.1, verify=0.05, round_cost=0.3)
+    return policy
 
 
 def target_greedy(target, prompt, n):

@@ -214,3 +214,79 @@ def test_specdecpp_online_recalibrates_its_heads_logit():
     assert lengths["fixed"] == [lengths["fixed"][0]] * 6  # a fixed head never learns
     assert lengths["online"][-1] < lengths["online"][0]
     assert online.params["online_lr"] == 1.0 and "online_lr" not in fixed.params
+
+
+def test_worth_drafting_matches_hand_computed_expected_rates():
+    from specdecpp.costs import CostModel, worth_drafting
+
+    costs = CostModel(target_s=1.0, draft=0.1, verify=0.05, round_cost=0.2)  # c + v = 0.15
+    # two tokens at P = 0.9, 0.8: A = 0.9, 0.72; E = 2.62; C = 1 + 0.2 + 0.3 = 1.5; rate 1.7467
+    # one more: gain A_2 * P_2 = 0.576 against rate * 0.15 = 0.262 -> draft on
+    assert worth_drafting([0.9, 0.8], 2, costs)
+    # P = 0.5, 0.3: A = 0.5, 0.15, E = 1.65, rate 1.1; gain 0.045 < 0.165 -> stop
+    assert not worth_drafting([0.5, 0.3], 2, costs)
+    # the same round after a good start of the generation: a higher rate to beat makes it stop sooner
+    # P = 0.6, 0.6: gain 0.216 against (1.96 / 1.5) * 0.15 = 0.196 -> draft on ...
+    assert worth_drafting([0.6, 0.6], 2, costs)
+    # ... but after 40 tokens for 20 target calls this generation the rate to beat is (41.96 / 21.5) * 0.15 = 0.293
+    assert not worth_drafting([0.6, 0.6], 2, costs, tokens_before=40, cost_before=20)
+    # free drafts: always worth it; nothing predicted yet (a lagged head's first token): draft
+    assert worth_drafting([0.01], 1, CostModel(1.0, 0.0, 0.0, 0.5)) and worth_drafting([], 1, costs)
+
+
+def test_auto_threshold_drafts_by_the_cost_model_and_refuses_to_run_without_one():
+    from specdecpp.costs import CostModel
+    from specdecpp.policies import OnlineConfidence
+
+    token = DraftToken(prob=0.9, entropy=0.1, margin=0.8)
+
+    def round_length(policy):
+        policy.begin_round()
+        i = 1
+        while policy.keep_drafting(i, token) and i < 20:
+            i += 1
+        return i
+
+    policy = OnlineConfidence("auto", k_max=20)
+    with pytest.raises(ValueError, match="needs a cost model"):
+        round_length(policy)
+    lengths = []
+    for draft_cost in (0.02, 0.1, 0.4):  # dearer drafts: shorter rounds
+        policy.costs = CostModel(1.0, draft_cost, 0.0, 0.1)
+        lengths.append(round_length(policy))
+    assert lengths[0] > lengths[1] > lengths[2] >= 1
+    assert policy.params["threshold"] == "auto"
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\] \(a number"):
+        OnlineConfidence("sometimes")
+
+
+def test_per_position_calibration_recovers_a_known_model_and_persists_only_when_asked():
+    from specdecpp.policies import OnlineConfidence, PositionCalibration, irls_fit
+
+    g = torch.Generator().manual_seed(0)
+    a, b = 0.6, [0.0, 1.0, -0.5, -1.0]  # true slope, intercepts of positions 1-4
+    rows = []
+    for _ in range(4000):
+        z, i = float(torch.randn((), generator=g) * 2), int(torch.randint(1, 5, (), generator=g))
+        y = float(torch.rand((), generator=g) < torch.sigmoid(torch.tensor(a * z + b[i - 1])))
+        rows.append((z, i, y))
+    theta = irls_fit(rows, 4, l2=1e-3, iterations=8, start=torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64))
+    assert theta[0] == pytest.approx(a, abs=0.08) and theta[1:].tolist() == pytest.approx(b, abs=0.2)
+
+    cal = PositionCalibration(refit_every=2, positions=4)
+    assert cal.prob(0.0, 3) == 0.5  # the identity map before any refit
+    cal.update([2.0, 2.0, 2.0], accepted=0)
+    assert cal.prob(2.0, 1) == pytest.approx(1 / (1 + math.exp(-2)))  # one round: no refit yet
+    cal.update([2.0, 2.0], accepted=0)
+    assert cal.prob(2.0, 1) < 1 / (1 + math.exp(-2))  # refitted after two rounds of rejections
+
+    for persist in (False, True):
+        policy = OnlineConfidence(0.5, per_position=True, refit_every=1, persist=persist)
+        policy.begin_round()
+        for i in range(1, 4):
+            policy.keep_drafting(i, DraftToken(prob=0.9))
+        policy.end_round(3, 0)
+        fitted = policy.online.theta.clone()
+        policy.reset()
+        assert torch.equal(policy.online.theta, fitted) == persist
+        assert policy.params["per_position"] and policy.params.get("persist", False) == persist

@@ -298,3 +298,102 @@ data.prepare(pair, {[" ".join(WORDS[i: i + 2]) for i in range(6)]!r}, data.Prepa
     assert sorted(o.count("labelled") for o in outs) == [0, 3]  # 3 shards, built once
     assert len(load_prepared(tmp_path / "prep")[0]) == 6
     shutil.rmtree(tmp_path / "prep")
+
+
+# --- issue 40: nothing lost under interruption and concurrency ----------------------------------------------------
+
+
+def tiny_bench(tmp_path, *extra):
+    return load_config(ROOT / "configs/bench/tiny.yaml", [f"out_dir={tmp_path / 'K'}", "prompts_per_dataset=1",
+                                                          "max_new_tokens=4", "datasets=[alpaca]", *extra])
+
+
+def test_a_forgotten_resume_keeps_the_interrupted_runs_records(tmp_path):
+    """kill -9 mid-run, then the same command without resume=true: refused by name, the records untouched; resume
+    continues them, overwrite discards them."""
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        run_benchmark(tiny_bench(tmp_path), callbacks=[JsonlWriter(), DiesAfter(4)])
+    records = tmp_path / "K.running" / "records.jsonl"
+    kept = records.read_bytes()
+    assert kept.count(b"\n") == 4
+    with pytest.raises(FileExistsError, match=r"holds 4 records of an interrupted run: resume=true continues it"):
+        run_benchmark(tiny_bench(tmp_path), callbacks=[JsonlWriter()])
+    assert records.read_bytes() == kept
+    run_benchmark(tiny_bench(tmp_path, "resume=true"), callbacks=[JsonlWriter()])
+    assert (tmp_path / "K" / "records.jsonl").read_text().count("\n") == 6
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        run_benchmark(tiny_bench(tmp_path, "out_dir=" + str(tmp_path / "L")), callbacks=[JsonlWriter(), DiesAfter(2)])
+    run_benchmark(tiny_bench(tmp_path, "out_dir=" + str(tmp_path / "L"), "overwrite=true"), callbacks=[JsonlWriter()])
+    assert (tmp_path / "L" / "records.jsonl").read_text().count("\n") == 6
+
+
+def test_one_out_dir_has_one_writer_and_a_killed_holder_leaves_no_stuck_lock(tmp_path):
+    import subprocess
+    import sys
+
+    lock = tmp_path / ".K.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"from filelock import FileLock; import time; "
+                               f"lock = FileLock({str(lock)!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=r"out_dir .*K is in use by another benchmark run"):
+            run_benchmark(tiny_bench(tmp_path), callbacks=[JsonlWriter()])
+        assert not (tmp_path / "K.running").exists()  # refused before it wrote anything
+    finally:
+        holder.kill()  # kill -9: no clean release
+        holder.wait()
+    run_benchmark(tiny_bench(tmp_path), callbacks=[JsonlWriter()])
+    assert (tmp_path / "K" / "records.jsonl").read_text().count("\n") == 6
+
+
+def test_a_trace_with_sound_container_and_damaged_content_is_recomputed(pair, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prompts = [[3, 4, 5], [6, 7]]
+    first = dict(make_traces(pair.target, pair.draft, prompts, 12, {0}, cache_dir=tmp_path, branch_length=4))
+    path = sorted(tmp_path.glob("*.safetensors"))[0]
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    ids = json.loads(meta["trace"])
+    ids["draft"] = ids["draft"][:2]  # the issue's reproduction: the drafted ids cut to 2 of 12
+    save_file(tensors, path, metadata={**meta, "trace": json.dumps(ids)})
+    with pytest.raises(ValueError, match="damaged replay trace .*checksum"):
+        load_trace(path)
+    renamed = {("trace_ids" if k == "trace" else k): v for k, v in meta.items()}  # a renamed key
+    save_file(tensors, path, metadata=renamed)
+    with pytest.raises(ValueError, match="damaged replay trace .*KeyError"):
+        load_trace(path)
+    again = dict(make_traces(pair.target, pair.draft, prompts, 12, {0}, cache_dir=tmp_path, branch_length=4))
+    assert all(again[i].draft == first[i].draft for i in range(2))
+    load_trace(path)  # rewritten whole
+
+
+def test_token_ids_outside_the_vocabulary_and_budgets_that_fill_the_context_are_refused(pair):
+    with pytest.raises(ValueError, match="token id 1000000000, outside the models' vocabulary of 16"):
+        pair.generate([10**9, 5], ConstantK(2))
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 1, got 4.5"):
+        pair.generate([3, 5], ConstantK(2), max_new_tokens=4.5)
+    context = pair.target.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_new_tokens {context} alone fills the models' context"):
+        pair.generate([3, 5], ConstantK(2), max_new_tokens=context, truncate=True)
+
+
+def test_the_bench_refuses_an_oversized_budget_and_seed_before_decoding(tmp_path):
+    with pytest.raises(ValueError, match="max_new_tokens 100000 leaves no room for a prompt"):
+        Benchmark(tiny_bench(tmp_path, "max_new_tokens=100000"))
+    with pytest.raises(ValueError, match=r"seeds must be whole numbers in \[0, 2\*\*63\)"):
+        Benchmark(tiny_bench(tmp_path, f"seeds=[{2**70}]"))
+    assert not (tmp_path / "K.running").exists()
+
+
+def test_a_damaged_head_folder_names_its_file(tmp_path):
+    head = AcceptanceHead(32, 1).save_pretrained(tmp_path / "head")
+    weights = next(p for p in head.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated weights
+    with pytest.raises(ValueError, match=f"acceptance head {head} is damaged or incomplete"):
+        AcceptanceHead.from_pretrained(head)
+    (head / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not a valid head config"):
+        AcceptanceHead.from_pretrained(head)

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from ..atomic import replace_dir
@@ -22,7 +23,7 @@ from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig
 from .callbacks import Callback, default_callbacks
-from .config import BenchConfig, Setting, check_heads_match_draft, comparable, expand_settings
+from .config import BenchConfig, Setting, check_budget, check_heads_match_draft, comparable, expand_settings
 from .summary import read_run_records, summarize
 
 
@@ -31,6 +32,7 @@ class Benchmark:
         self.cfg = cfg
         self.settings = expand_settings(cfg)
         check_heads_match_draft(cfg, self.settings)
+        check_budget(cfg)
         first, n = cfg.prompt_offset, cfg.prompts_per_dataset  # prompt ids in records count from the split's start
         self.prompts = {d: load_prompts(d, "test" if d in TEST_ONLY else cfg.split, first + n, cfg.data_dir)[first:]
                         for d in cfg.datasets}
@@ -51,6 +53,7 @@ class Benchmark:
         # replay or priced: the same measurement at the start and again at the end (the drift of a shared machine)
         self.measured_costs: dict[str, CostModel] = {}
         self.records: list[dict] = []
+        self._persistent: dict[str, LengthPolicy] = {}
 
     @property
     def total(self) -> int:
@@ -68,15 +71,39 @@ class Benchmark:
             self.heads[head_dir].check_draft(self.pair.draft)
 
     def policy(self, setting: Setting) -> LengthPolicy:
-        return make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)), **setting.policy_params)
+        """The setting's policy: a new object per generation unless it persists (its fit carries over the run's
+        generations, in the order the run decodes them), priced by the run's cost model when its threshold is auto."""
+        if setting.label in self._persistent:
+            return self._persistent[setting.label]
+        policy = make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)),
+                             **setting.policy_params)
+        if hasattr(policy, "costs"):
+            policy.costs = self.costs
+        if getattr(policy, "persist", False):
+            self._persistent[setting.label] = policy
+        return policy
 
     def run(self) -> list[dict]:
-        self.records = self._resumed() if self.cfg.resume else []  # before the models load: a bad resume fails fast
+        """Run the sweep, holding out_dir against other runs (a lock a killed process does not leave behind)."""
+        lock = FileLock(self.run_dir.with_name(f".{self.run_dir.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RuntimeError(f"out_dir {self.run_dir} is in use by another benchmark run (its lock "
+                               f"{lock.lock_file} is held): wait for it to finish, or give another out_dir") from None
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> list[dict]:
+        # before the models load: a bad resume, or a forgotten one, fails fast
+        self.records = self._resumed() if self.cfg.resume else self._nothing_to_lose()
         self._setup()
         if not self.records:
-            shutil.rmtree(self.out_dir, ignore_errors=True)  # what a failed earlier attempt left
+            shutil.rmtree(self.out_dir, ignore_errors=True)  # an empty attempt, or one overwrite=true gives up
             self.out_dir.mkdir(parents=True)
-        if (self.cfg.mode == "replay" or self.cfg.priced) and self.costs is None:
+        if (self.cfg.mode == "replay" or self.cfg.priced or self._auto) and self.costs is None:
             self.costs = self._cost_model()
         done = {_key(r) for r in self.records}
         for cb in self.callbacks:
@@ -85,6 +112,7 @@ class Benchmark:
             first = next(iter(self.prompts.values()))[: self.cfg.batch_size]
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
+            self._persistent.clear()  # a persistent fit starts with the run, not with the warm-up
         units = [self._units(d, prompts) for d, prompts in self.prompts.items()]
         # engine: the datasets take turns, batch by batch, so a run cut short has about as many prompts of each;
         # replay: one after another (taking turns would hold a batch of traces per dataset in memory)
@@ -111,6 +139,14 @@ class Benchmark:
             cb.on_end(self, summary)
         self.out_dir = replace_dir(self.out_dir, self.run_dir)
         return summary
+
+    def _nothing_to_lose(self) -> list[dict]:
+        """A fresh start: refused while an interrupted run's records wait in out_dir.running, unless overwrite."""
+        kept = read_run_records(self.out_dir) if (self.out_dir / "records.jsonl").is_file() else []
+        if kept and not self.cfg.overwrite:
+            raise FileExistsError(f"{self.out_dir} holds {len(kept)} records of an interrupted run: resume=true "
+                                  f"continues it (same config), overwrite=true discards them and starts afresh")
+        return []
 
     def _resumed(self) -> list[dict]:
         """The interrupted run's records in out_dir (and the cost model that priced them), if it ran this config."""
@@ -148,7 +184,7 @@ class Benchmark:
 
             def generate(policy, ids=ids, seed=seed):
                 gens = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed)
-                return [(self._priced(g.stats) if self.costs else g.stats, g.policy) for g in gens]
+                return [(self._priced(g.stats) if self.cfg.priced else g.stats, g.policy) for g in gens]
             yield seed, list(range(lo, lo + len(ids))), generate
 
     def _replayed(self, dataset: str, prompts: list[str]):
@@ -176,6 +212,11 @@ class Benchmark:
                 for cb in self.callbacks:  # after every setting ran on it: its branches are there
                     cb.on_trace(self, dataset, self.cfg.prompt_offset + pid, trace)
                 trace.release()
+
+    @property
+    def _auto(self) -> bool:
+        """A setting stops by the cost model (threshold auto): even a timed run measures one at the start."""
+        return any(s.params.get("threshold") == "auto" for s in self.settings)
 
     @functools.cached_property
     def _trace_key(self) -> dict:

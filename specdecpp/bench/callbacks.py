@@ -180,7 +180,8 @@ class WhatIf(Callback):
 
 class SignalReport(Callback):
     """Replay mode: how well the draft's statistics and each acceptance head predict acceptance of the token drafted
-    at each position of the traces (greedy: the draft's argmax; sampling: the coupled draw) (AUROC, ECE, stop-event calibration), per dataset: signals.json."""
+    at each position of the traces (greedy: the draft's argmax; sampling: the coupled draw): AUROC, ECE and
+    stop-event calibration per dataset, in signals.json."""
 
     def on_start(self, bench):
         self.signals: dict[str, list] = {}

@@ -127,6 +127,9 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
     for name in ("max_new_tokens", "batch_size", "trace_batch_size", "bootstrap"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    bad_seeds = [s for s in cfg.seeds if not 0 <= s < 2**63]
+    if bad_seeds:
+        raise ValueError(f"seeds must be whole numbers in [0, 2**63), got {bad_seeds}")
     if cfg.mode not in ("engine", "replay"):
         raise ValueError(f"mode must be 'engine' or 'replay', got {cfg.mode!r}")
     given = [k for k in ("draft_cost", "verify_cost", "round_cost") if getattr(cfg, k) is not None]
@@ -139,6 +142,18 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
     for s in settings:  # build each once with a stand-in head: bad parameters fail here, by name
         make_policy(s.name, head=(lambda h: h) if s.name == "specdecpp" else None, **s.policy_params)
     return settings
+
+
+def check_budget(cfg: BenchConfig) -> None:
+    """Refuse a token budget that leaves no room for a prompt in the target's context, from its config alone."""
+    from transformers import AutoConfig
+
+    from ..models import resolve
+
+    context = getattr(AutoConfig.from_pretrained(resolve(cfg.target)), "max_position_embeddings", None) or 10**9
+    if cfg.max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the target's context "
+                         f"of {context} positions: lower it")
 
 
 def check_heads_match_draft(cfg: BenchConfig, settings: list[Setting]) -> None:

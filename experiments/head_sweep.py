@@ -21,9 +21,6 @@ from _report import report
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics.functional.classification import binary_auroc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 VARIANTS = {
     "statistics + hidden, D = 3, lr 1e-3, 30 epochs": [],
     "statistics + hidden, D = 3, lr 1e-3, 4 epochs": ["--trainer.max_epochs", "4"],
@@ -94,13 +91,13 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/head-sweep"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    import train
+    from specdecpp.cli import main as train
     from specdecpp.data import AcceptanceDataModule
 
     rows, const = [], None
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         out = args.root / Path(args.config).stem / f"v{i}"
-        train.main(["fit", "--config", args.config, *BASE, *overrides, "--trainer.default_root_dir", str(out),
+        train(["fit", "--config", args.config, *BASE, *overrides, "--trainer.default_root_dir", str(out),
                     "--model.export_dir", str(out / "head")])
         curve = dev_curve(max((out / "lightning_logs").glob("version_*"), key=lambda d: int(d.name.split("_")[1])))
         const = curve["val/loss_const"][-1]

@@ -1,4 +1,4 @@
-"""Training data for the acceptance head (DESIGN.md section 2).
+"""Training data for the acceptance head (docs/design.md section 2).
 
 Preparation, once per (models, prompts, sampling, lengths, seed):
   1. the target samples a response X_1..X_L to each chat-wrapped prompt (batched, left padding);

@@ -8,7 +8,6 @@ Equivalent to `python train.py fit --config configs/train/demo.yaml` then
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
-    import train
-
     from .bench import load_config, run_benchmark
+    from .cli import main as train
 
     start = time.perf_counter()
     print("== 1-2/3: prepare acceptance labels and train the head (configs/train/demo.yaml)", flush=True)
-    train.main(["fit", "--config", str(ROOT / "configs/train/demo.yaml")])
+    train(["fit", "--config", str(ROOT / "configs/train/demo.yaml")])
     print(f"\n== 3/3: sweep the length policies (configs/bench/demo.yaml), {time.perf_counter() - start:.0f} s so far",
           flush=True)
     run_benchmark(load_config(ROOT / "configs/bench/demo.yaml", ["overwrite=true"]))  # a re-run replaces the last

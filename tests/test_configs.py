@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import train
+from specdecpp.cli import main as train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = sorted((ROOT / "configs" / "train").glob("*.yaml"))
@@ -15,7 +15,7 @@ TRAIN = sorted((ROOT / "configs" / "train").glob("*.yaml"))
 def test_train_config_parses(path, capsys):
     layers = ["--config", "configs/train/tiny.yaml"] if path.name == "fsdp_cpu.yaml" else []  # an overlay
     with pytest.raises(SystemExit) as done:
-        train.main(["fit", *layers, "--config", str(path), "--print_config"])
+        train(["fit", *layers, "--config", str(path), "--print_config"])
     assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["target"] and "target" not in printed["model"]  # linked: the model takes data's pair

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -195,3 +196,39 @@ def test_fp32_copies_are_kept_with_the_model_and_follow_its_weights():
         assert any("forward" in vars(m) for m in model.modules())
     with rows_products(model, FP32_FROM_ROWS, False):
         assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_copy_auto_picks_the_faster_copy_and_caches_the_choice_per_cpu(tmp_path, monkeypatch):
+    """A fake timer makes fp16 the faster copy: chosen; the choice is cached for this CPU and model (no second
+    measurement), and measured again on a CPU whose flags differ."""
+    import specdecpp.probe as probe
+
+    target = tiny_llama(0)
+    timed = []
+
+    def fake_ratio(target, draft):
+        timed.append(draft.dtype)
+        return {torch.bfloat16: 0.8, torch.float16: 0.5}[draft.dtype]
+
+    cache = tmp_path / "copy_dtype.json"
+    monkeypatch.setattr(probe, "cpu_description", lambda: "Some CPU, 2 cores, avx2")
+    dtype, ratios = probe.choose_copy_dtype(target, "tiny", cache, fake_ratio)
+    assert dtype == torch.float16 and ratios == {"bfloat16": 0.8, "float16": 0.5} and len(timed) == 2
+    assert probe.choose_copy_dtype(target, "tiny", cache, fake_ratio)[0] == torch.float16 and len(timed) == 2
+    monkeypatch.setattr(probe, "cpu_description", lambda: "Some CPU, 2 cores, avx2 avx512f avx512_bf16")
+    probe.choose_copy_dtype(target, "tiny", cache, lambda t, d: {torch.bfloat16: 0.4, torch.float16: 0.9}[d.dtype])
+    assert probe.choose_copy_dtype(target, "tiny", cache, fake_ratio)[0] == torch.bfloat16  # its own entry
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_load_pair_resolves_copy_auto_to_the_measured_dtype(tmp_path, monkeypatch, capsys):
+    import specdecpp.probe as probe
+
+    tok = word_tokenizer(WORDS)
+    path = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    monkeypatch.setenv("SPECDECPP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(probe, "draft_step_ratio", lambda t, d: {torch.bfloat16: 0.6, torch.float16: 0.7}[d.dtype])
+    monkeypatch.setattr(specdecpp.models, "draft_step_ratio", lambda target, draft: 0.6)
+    pair = load_pair(path, "copy:auto")
+    assert pair.draft.dtype == torch.bfloat16 and pair.names["draft"] == "copy:bfloat16"
+    assert "copy:auto -> copy:bfloat16" in capsys.readouterr().out

@@ -6,8 +6,8 @@ import torch
 from conftest import ALPHA, VOCAB, chi_square_p_value
 
 from specdecpp import speculative_generate
-from specdecpp.policies import ConstantK, Confidence, OnlineConfidence, SpecDecPP
 from specdecpp.passes import sample_responses
+from specdecpp.policies import Confidence, ConstantK, OnlineConfidence, SpecDecPP
 from specdecpp.replay import load_trace, make_traces, replay_generation, save_trace, teacher_forced
 
 PROMPT, NEW, N = [1, 2], 6, 1500

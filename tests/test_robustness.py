@@ -332,9 +332,9 @@ def test_one_out_dir_has_one_writer_and_a_killed_holder_leaves_no_stuck_lock(tmp
     import sys
 
     lock = tmp_path / ".K.lock"
-    holder = subprocess.Popen([sys.executable, "-c", f"from filelock import FileLock; import time; "
-                               f"lock = FileLock({str(lock)!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True)
+    script = (f"from filelock import FileLock; import time; lock = FileLock({str(lock)!r}); lock.acquire(); "
+              f"print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RuntimeError, match=r"out_dir .*K is in use by another benchmark run"):

@@ -16,14 +16,19 @@ from pathlib import Path
 
 from _report import report
 
-from specdecpp.bench.summary import paired_difference, read_run_records
+from specdecpp.bench.summary import paired_difference, read_run_records, repriced, summarize
+from specdecpp.costs import CostModel
 from specdecpp.plots import variant
 
 
-def load(run: Path) -> tuple[list[dict], list[dict]]:
-    summary = json.loads((run / "summary.json").read_text())
+def load(run: Path, price: list[float] | None = None) -> tuple[list[dict], list[dict]]:
+    """A run's summary and records; with `price` (c, v, r) both recharged at that cost model (dev choices are then
+    made at it too)."""
     records = read_run_records(run)
-    return summary, records
+    if price is None:
+        return json.loads((run / "summary.json").read_text()), records
+    records = repriced(records, CostModel(1.0, *price))
+    return summarize(records), records
 
 
 def main() -> None:
@@ -31,9 +36,11 @@ def main() -> None:
     ap.add_argument("--dev", type=Path, required=True)
     ap.add_argument("--test", type=Path, required=True)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
+                    help="recharge dev and test at this cost model (draft step c, per scored token v, round cost r)")
     args = ap.parse_args()
-    dev, _ = load(args.dev)
-    test, records = load(args.test)
+    dev, _ = load(args.dev, args.price)
+    test, records = load(args.test, args.price)
     chosen: dict[str, dict] = {}
     for row in dev:  # the dev run may hold several datasets: choose on their pooled ratio of sums
         v = variant(row)
@@ -44,9 +51,11 @@ def main() -> None:
         if v not in chosen or score > chosen[v]["score"]:
             chosen[v] = {"setting": row["setting"], "score": score}
     datasets = list(dict.fromkeys(r["dataset"] for r in test))
-    lines = [f"Settings chosen on {args.dev} (best dev speedup per policy), reported on {args.test}: speedup over "
-             f"target-only with its 95% bootstrap interval over prompts, then the paired difference to the chosen "
-             f"constant K.\n",
+    priced = "at the runs' own cost model" if args.price is None else "priced at c {:g}, v {:g}, r {:g}".format(
+        *args.price)
+    lines = [f"Settings chosen on {args.dev} (best dev speedup per policy), reported on {args.test}, {priced}: "
+             f"speedup over target-only with its 95% bootstrap interval over prompts, then the paired difference to "
+             f"the chosen constant K.\n",
              "| policy | chosen setting | " + " | ".join(f"{d} speedup | {d} vs constant K" for d in datasets) + " |",
              "|---|---|" + "---|---|" * len(datasets)]
     const = chosen["constant"]["setting"]
@@ -101,7 +110,7 @@ def main() -> None:
     if signals.is_file():
         sig = json.loads(signals.read_text())
         names = list(sig[datasets[0]]["auroc"])
-        lines += ["", "AUROC for acceptance of the draft's greedy token along the test traces (higher ranks better):",
+        lines += ["", "AUROC for acceptance of the drafted token along the test traces (higher ranks better):",
                   "", "| dataset | positions (rejected) | " + " | ".join(names) + " |",
                   "|---|---|" + "---|" * len(names)]
         for d in datasets:

@@ -410,6 +410,10 @@ def test_stop_calibration_is_kept_apart_per_dataset_and_setting():
     assert alpaca["realised"] == pytest.approx(2 / 3)
     assert [(b["bin"], b["rounds"], b["realised"]) for b in alpaca["bins"]] == [
         ("0.5-0.6", 1, 1.0), ("0.6-0.7", 1, 0.0), ("0.9-1.0", 1, 1.0)]
+    # ECE: each bin's |predicted - realised| weighted by its rounds: (0.45 + 0.6 + 0.05) / 3
+    assert alpaca["ece"] == pytest.approx((0.45 + 0.6 + 0.05) / 3)
+    assert [(b["k"], b["rounds"], b["realised"]) for b in alpaca["by_length"]] == [(1, 1, 1.0), (3, 1, 1.0),
+                                                                                   (4, 1, 0.0)]
     assert rows[("gsm8k", "h=0.5")]["realised"] == 0.0
 
 

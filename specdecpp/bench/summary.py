@@ -163,22 +163,30 @@ def paired_gap_closed(records: list[dict], dataset: str, setting: str, constant:
 def stop_calibration(records: list[dict]) -> list[dict]:
     """Per (dataset, setting) whose records carry a stop_log (policies.RejectionRule): the rounds it scored, the mean
     predicted P(>= 1 rejection) among the drafted tokens when each ended, the share of those rounds where
-    verification rejected one, and the same in ten bins of the prediction."""
-    groups: dict[tuple, list[tuple[float, int]]] = {}
+    verification rejected one, the same in ten bins of the prediction (and their ECE: the rounds-weighted mean gap
+    between prediction and outcome), and per candidate length K of the round."""
+    groups: dict[tuple, list[tuple[float, int, int]]] = {}
     for r in records:
-        for p, hit, _ in r.get("stop_log") or []:
-            groups.setdefault((r["dataset"], r["setting"]), []).append((p, hit))
+        for p, hit, k in r.get("stop_log") or []:
+            groups.setdefault((r["dataset"], r["setting"]), []).append((p, hit, k))
+
+    def cells(stops: dict[object, list[tuple[float, int, int]]], name: str, label) -> list[dict]:
+        return [{name: label(key), "rounds": len(v), "predicted": sum(p for p, _, _ in v) / len(v),
+                 "realised": sum(h for _, h, _ in v) / len(v)} for key, v in sorted(stops.items())]
+
     rows = []
     for (dataset, setting), stops in groups.items():
-        bins: dict[int, list[tuple[float, int]]] = {}
-        for p, hit in stops:
-            bins.setdefault(min(int(p * 10), 9), []).append((p, hit))
+        bins: dict[int, list] = {}
+        lengths: dict[int, list] = {}
+        for stop in stops:
+            bins.setdefault(min(int(stop[0] * 10), 9), []).append(stop)
+            lengths.setdefault(stop[2], []).append(stop)
+        binned = cells(bins, "bin", lambda b: f"{b / 10:.1f}-{(b + 1) / 10:.1f}")
         rows.append({"dataset": dataset, "setting": setting, "rounds": len(stops),
-                     "predicted": sum(p for p, _ in stops) / len(stops),
-                     "realised": sum(h for _, h in stops) / len(stops),
-                     "bins": [{"bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}", "rounds": len(bins[b]),
-                               "predicted": sum(p for p, _ in bins[b]) / len(bins[b]),
-                               "realised": sum(h for _, h in bins[b]) / len(bins[b])} for b in sorted(bins)]})
+                     "predicted": sum(p for p, _, _ in stops) / len(stops),
+                     "realised": sum(h for _, h, _ in stops) / len(stops),
+                     "ece": sum(b["rounds"] * abs(b["predicted"] - b["realised"]) for b in binned) / len(stops),
+                     "bins": binned, "by_length": cells(lengths, "k", int)})
     return rows
 
 

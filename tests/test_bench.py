@@ -556,3 +556,16 @@ def test_an_interrupted_sweep_resumes_where_it_stopped_and_prices_the_rest_alike
     alone = {(x["dataset"], x["prompt_id"], x["seed"], x["setting"]): counts(x)
              for x in map(json.loads, (fresh / "run" / "records.jsonl").read_text().splitlines())}
     assert {k: counts(x) for k, x in zip(keys, records)} == alone
+
+
+def test_committed_records_read_the_same_compressed(tmp_path):
+    import gzip
+
+    from specdecpp.bench.summary import read_run_records
+
+    lines = [json.dumps({"dataset": "alpaca", "prompt_id": i, "setting": "target"}) for i in range(3)]
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+    plain = read_run_records(tmp_path)
+    (tmp_path / "records.jsonl.gz").write_bytes(gzip.compress((tmp_path / "records.jsonl").read_bytes()))
+    (tmp_path / "records.jsonl").unlink()
+    assert read_run_records(tmp_path) == plain and len(plain) == 3

@@ -4,6 +4,7 @@ bootstrap intervals over prompts; and the console table."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from ..stats import bootstrap_interval
 
 def read_run_records(run_dir: str | Path) -> list[dict]:
     """A run's records.jsonl (finished, or a `.running` one still going or interrupted: up to the first line that
-    was cut short)."""
+    was cut short), or records.jsonl.gz where a committed run keeps them compressed."""
+    path = Path(run_dir) / "records.jsonl"
+    text = path.read_text() if path.is_file() or not path.with_suffix(".jsonl.gz").is_file() else \
+        gzip.decompress(path.with_suffix(".jsonl.gz").read_bytes()).decode()
     records = []
-    for line in (Path(run_dir) / "records.jsonl").read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -32,6 +32,7 @@ class DraftToken:
     entropy: float = math.nan  # H(q_i) in nats
     margin: float = math.nan  # top-1 minus top-2 probability of q_i
     hidden: torch.Tensor | None = None  # [H], the forward that proposed Y_i (needs_hidden only)
+    accept: float = math.nan  # replay of a sampled trace only: the true min(1, p(Y_i) / q(Y_i)) (`Ceiling` reads it)
 
 
 class LengthPolicy:
@@ -534,6 +535,29 @@ class SpecDecPP(RejectionRule):
         return {"threshold": self.threshold, **online, **super().params}
 
 
+class Ceiling(RejectionRule):
+    """The predictor ceiling (replay of sampled traces only): SpecDec++'s stopping rule fed the true acceptance
+    probability of each drafted token, min(1, p(Y_j) / q(Y_j)), which the replay knows from the target's scores.
+    No head can predict better, so its gain over the best constant K bounds what any predictor could add at its
+    threshold; the oracle, which knows the draws themselves, bounds every policy."""
+
+    name = "ceiling"
+
+    def __init__(self, threshold: float | str = 0.5, k_min: int = 1, k_max: int = 20):
+        super().__init__(threshold, k_min, k_max, None)
+
+    def estimate(self, i: int, token: DraftToken) -> tuple[float, float]:
+        if math.isnan(token.accept):
+            raise ValueError("the predictor ceiling reads true acceptance probabilities, which only a replay of a "
+                             "sampled trace has (mode: replay, temperature > 0)")
+        a = min(max(token.accept, 1e-6), 1 - 1e-6)
+        return token.accept, math.log(a / (1 - a))
+
+    @property
+    def params(self) -> dict:
+        return {"threshold": self.threshold, **super().params}
+
+
 class Oracle(LengthPolicy):
     """Hindsight bound: stops exactly before the first token verification rejects.
 
@@ -567,11 +591,11 @@ def make_policy(name: str, head: Callable | None = None, **params) -> LengthPoli
             raise ValueError("policy 'specdecpp' needs a head (a trained AcceptanceHead or any callable)")
         return SpecDecPP(head, **params)
     classes = {c.name: c for c in (TargetOnly, ConstantK, Heuristic, Confidence, AdaptiveConfidence, SVIP, AdaEDL,
-                                   Margin, OnlineConfidence, Oracle)}
+                                   Margin, OnlineConfidence, Ceiling, Oracle)}
     if name not in classes:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted([*classes, 'specdecpp'])}")
     return classes[name](**params)
 
 
 POLICY_NAMES = ("target", "constant", "heuristic", "confidence", "adaptive_confidence", "svip", "adaedl", "margin",
-                "online_confidence", "specdecpp", "oracle")
+                "online_confidence", "specdecpp", "ceiling", "oracle")

@@ -35,6 +35,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +57,15 @@ log = logging.getLogger(__name__)
 
 
 def _draft_tokens(logits: torch.Tensor, hidden: torch.Tensor, sampling: SamplingConfig,
-                  generator: torch.Generator | None) -> list[tuple[int, DraftToken]]:
+                  generator: torch.Generator | None) -> tuple[list[tuple[int, DraftToken]], list[float]]:
     """[N, V] draft logits and [N, H] final hidden states -> each row's drafted token (argmax, or a draw from the
-    warped distribution) and what a policy reads of it."""
-    y = logits.argmax(-1) if sampling.greedy else sample(probs(logits, sampling), generator)
+    warped distribution) and what a policy reads of it; and each drafted token's warped q (for its true acceptance
+    probability, once the target has scored it)."""
+    q = probs(logits, sampling)
+    y = q.argmax(-1) if sampling.greedy else sample(q, generator)
     stats = torch.stack(draft_stats(logits, y), -1).tolist()
-    return [(t, DraftToken(*st, h)) for t, st, h in zip(y.tolist(), stats, hidden.float().cpu())]
+    q_y = q.gather(-1, y[:, None])[:, 0].tolist()
+    return [(t, DraftToken(*st, h)) for t, st, h in zip(y.tolist(), stats, hidden.float().cpu())], q_y
 
 
 @dataclass
@@ -69,6 +73,7 @@ class _Branch:
     cache: DynamicCache | None  # the draft's cache up to (not including) `feed`
     feed: int  # the next token to feed
     steps: list[tuple[int, DraftToken]] = field(default_factory=list)
+    q: list[float] = field(default_factory=list)  # the warped q of each step's token (sampled traces: to score)
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Trace:
     branches: dict[int, _Branch] = field(default_factory=dict)
     sampling: SamplingConfig = GREEDY  # how the branches draw (the run's sampling)
     generator: torch.Generator | None = None  # the branches' draws (sampling only)
+    target_model: torch.nn.Module | None = None  # sampling: the target, to score branch tokens (score_branches)
+    target_cache: DynamicCache | None = None  # sampling: the target's cache after prompt + X
 
     @property
     def mismatches(self) -> list[int]:
@@ -115,7 +122,9 @@ class Trace:
         while len(b.steps) < s:
             out = self.model(input_ids=torch.tensor([[b.feed]], device=self.model.device), cache=b.cache,
                              use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            b.steps += _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1], self.sampling, self.generator)
+            steps, q_y = _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1], self.sampling, self.generator)
+            b.steps += steps
+            b.q += q_y
             b.feed = b.steps[-1][0]
         return b.steps[s - 1]
 
@@ -132,6 +141,7 @@ class Trace:
                 self.branch(m, len(b.steps) + 1)
         todo = [m for m in self.mismatches if self.draft[m] not in self.eos and m not in self.branches]
         if not todo or length < 2:
+            self.score_branches()
             return
         if self.model is None:
             raise ValueError("this trace holds no model to draft branches with")
@@ -144,24 +154,56 @@ class Trace:
         feed = torch.tensor([self.draft[m] for m in todo], device=device)
         eos = torch.tensor(sorted(self.eos) or [-1], device=device)
         steps: list[list[tuple[int, DraftToken]]] = [[] for _ in todo]
+        q_steps: list[list[float]] = [[] for _ in todo]
         done = torch.zeros(len(todo), dtype=torch.bool, device=device)
         for s in range(length - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=(start + s)[:, None],
                              cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            drafted = _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1], self.sampling, self.generator)
+            drafted, q_y = _draft_tokens(out.logits[:, -1], out.hidden_states[-1][:, -1], self.sampling,
+                                         self.generator)
             for row in (~done).nonzero()[:, 0].tolist():
                 steps[row].append(drafted[row])
+                q_steps[row].append(q_y[row])
             feed = torch.tensor([y for y, _ in drafted], device=device)
             done |= torch.isin(feed, eos)
             if done.all():
                 break
-        for m, run in zip(todo, steps):
-            self.branches[m] = _Branch(None, run[-1][0], run)  # no cache: a longer branch cannot be drawn from it
+        for m, run, q_run in zip(todo, steps, q_steps):
+            self.branches[m] = _Branch(None, run[-1][0], run, q_run)  # no cache: a longer one cannot be drawn
+        self.score_branches()
+
+    @torch.inference_mode()
+    def score_branches(self) -> None:
+        """Sampled traces: every branch token's true acceptance probability min(1, p(Y) / q(Y)) in `token.accept`,
+        p from one target forward over all branches as the rows of one batch (each row D_m and its branch but the
+        last token, after the target's cache of prompt + X_<m). What the predictor ceiling reads; nothing else."""
+        todo = {m: b for m, b in self.branches.items() if len(b.q) == len(b.steps) > 0
+                and any(math.isnan(t.accept) for _, t in b.steps)}
+        if not todo or self.target_model is None:
+            return
+        device = self.target_model.device
+        rows = [[self.draft[m]] + [y for y, _ in b.steps[:-1]] for m, b in todo.items()]
+        start = torch.tensor([len(self.prompt) + m for m in todo], device=device)
+        width = max(map(len, rows))
+        cache = copy.deepcopy(self.target_cache)
+        cache.crop(int(start.max()) - cache.get_seq_length())
+        cache.batch_repeat_interleave(len(rows))
+        mask = torch.cat([(torch.arange(int(start.max()), device=device)[None] < start[:, None]).long(),
+                          torch.ones(len(rows), width, dtype=torch.long, device=device)], 1)  # right padding: unseen
+        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
+        logits = self.target_model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
+                                   position_ids=start[:, None] + torch.arange(width, device=device)).logits
+        p = probs(logits, self.sampling)  # [rows, width, V]: column i scores the branch's token i + 1
+        for row, b in enumerate(todo.values()):
+            ys = torch.tensor([y for y, _ in b.steps], device=device)
+            p_y = p[row, torch.arange(len(ys), device=device), ys]
+            for (_, token), a in zip(b.steps, acceptance_prob(p_y, torch.tensor(b.q, device=device)).tolist()):
+                token.accept = a
 
     def release(self) -> None:
         """Drop the caches and the model (what was computed stays usable; new branches cannot be made)."""
-        self.cache, self.model = None, None
+        self.cache, self.model, self.target_cache, self.target_model = None, None, None, None
         for b in self.branches.values():
             b.cache = None
 
@@ -183,16 +225,24 @@ def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int],
     else:
         if target_model is None:
             raise ValueError("a sampled trace needs the target model: its p_j decide which drafts are accepted")
-        logits_p = target_model(input_ids=ids.to(target_model.device), logits_to_keep=len(target) + 1).logits
+        target_cache = DynamicCache(config=target_model.config)
+        logits_p = target_model(input_ids=ids.to(target_model.device), cache=target_cache, use_cache=True,
+                                logits_to_keep=len(target) + 1).logits
         p, q = probs(logits_p[0, :-1], sampling).to(logits_q.device), probs(logits_q, sampling)  # [N, V] each
         x = torch.tensor(target, device=q.device)
         keep = acceptance_prob(q.gather(-1, x[:, None])[:, 0], p.gather(-1, x[:, None])[:, 0])  # min(1, q/p) at X
         u = torch.rand(len(target), generator=generator, device=q.device)
         rejected = sample(residual(q, p), generator)  # norm(max(0, q - p)); drawn everywhere, used where u >= keep
         drafted = torch.where(u < keep, x, rejected)
+        accept = acceptance_prob(p.gather(-1, drafted[:, None])[:, 0], q.gather(-1, drafted[:, None])[:, 0])
     stats = torch.stack(draft_stats(logits_q, drafted), -1).tolist()
     tokens = [DraftToken(*st, h) for st, h in zip(stats, hidden.float().cpu())]
-    return Trace(prompt, target, drafted.tolist(), tokens, eos, draft, cache, sampling=sampling, generator=generator)
+    if not sampling.greedy:  # the true acceptance probability of each drafted token: the predictor ceiling's input
+        for token, a in zip(tokens, accept.tolist()):
+            token.accept = a
+        return Trace(prompt, target, drafted.tolist(), tokens, eos, draft, cache, sampling=sampling,
+                     generator=generator, target_model=target_model, target_cache=target_cache)
+    return Trace(prompt, target, drafted.tolist(), tokens, eos, draft, cache)
 
 
 def _seeded(device: torch.device, *parts) -> torch.Generator:
@@ -280,7 +330,7 @@ def save_trace(trace: Trace, path: Path, branch_length: int) -> None:
 
     def put(name: str, tokens: list[DraftToken]) -> None:
         if tokens:
-            stats = [[t.prob, t.entropy, t.margin] for t in tokens]
+            stats = [[t.prob, t.entropy, t.margin, t.accept] for t in tokens]
             tensors[f"{name}.stats"] = torch.tensor(stats, dtype=torch.float64)
             tensors[f"{name}.hidden"] = torch.stack([t.hidden for t in tokens]).contiguous()
 
@@ -318,10 +368,11 @@ def load_trace(path: Path, prompt: list[int] | None = None) -> Trace:
         if length == 0:
             return []
         stats, hidden = tensors.get(f"{name}.stats"), tensors.get(f"{name}.hidden")
-        if stats is None or hidden is None or stats.shape != (length, 3) or hidden.shape[0] != length:
+        if stats is None or hidden is None or stats.shape not in ((length, 3), (length, 4)) or \
+                hidden.shape[0] != length:
             raise damaged(f"{name} holds features for {None if stats is None else tuple(stats.shape)} tokens, "
                           f"its ids {length}")
-        return [DraftToken(*map(float, s), h) for s, h in zip(stats, hidden)]
+        return [DraftToken(*map(float, s[:3]), h, *map(float, s[3:])) for s, h in zip(stats, hidden)]
 
     if len(fields["draft"]) != n:
         raise damaged(f"{len(fields['draft'])} drafted ids for {n} output tokens")

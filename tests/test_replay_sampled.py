@@ -133,3 +133,34 @@ def test_a_sampled_trace_is_reproducible_and_its_seed_matters(sampling_setup, tm
     for policy in policies(target.config.hidden_size):
         assert [(r.drafted, r.accepted) for r in replay_generation(c, policy, 20).rounds] == \
             [(r.drafted, r.accepted) for r in replay_generation(a, policy, 20).rounds]
+
+
+def test_sampled_traces_carry_each_drafted_tokens_true_acceptance_probability(sampling_setup):
+    """On X (and the rejected R_j) from the teacher-forced passes; on branches from one batched target forward. Both
+    against the same quantity computed here from plain full forwards."""
+    from specdecpp.policies import Ceiling
+    from specdecpp.sampling import probs
+
+    target, draft, cfg, _ = sampling_setup
+
+    def true_accept(prefix: list[int], y: int) -> float:
+        ids = torch.tensor([prefix])
+        p = probs(target(ids).logits[0, -1], cfg)[y]
+        q = probs(draft(ids).logits[0, -1], cfg)[y]
+        return float(torch.clamp(p / q, max=1.0))
+
+    checked = 0
+    for trace in coupled_traces(target, draft, cfg, n=8, seed=3):
+        trace.complete_branches(4)
+        for j, (d, token) in enumerate(zip(trace.draft, trace.tokens)):
+            assert token.accept == pytest.approx(true_accept(PROMPT + trace.target[:j], d), abs=1e-4)
+        for m, b in trace.branches.items():
+            prefix = PROMPT + trace.target[:m] + [trace.draft[m]]
+            for y, token in b.steps:
+                assert token.accept == pytest.approx(true_accept(prefix, y), abs=1e-4)
+                prefix = prefix + [y]
+                checked += 1
+        replay_generation(trace, Ceiling(0.5, k_max=4), NEW)  # reads them
+    assert checked > 5
+    with pytest.raises(ValueError, match="only a replay of a sampled trace has"):
+        speculative_generate(target, draft, PROMPT, Ceiling(0.5), cfg, NEW, generator=torch.Generator())

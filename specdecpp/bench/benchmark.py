@@ -204,6 +204,7 @@ class Benchmark:
                                  cache_dir=cache_dir() / "traces" if self.cfg.trace_cache else None,
                                  branch_length=longest, key=self._trace_key, sampling=self.sampling, seed=seed)
             for pid, trace in traces:
+                trace.complete_branches(longest)  # every branch drawn (and, sampled, scored) before any setting
                 def simulate(policy, trace=trace):
                     stats = self._priced(replay_generation(trace, policy, self.cfg.max_new_tokens))
                     stats.total_s = stats.priced_s  # a replay has no wall time of its own

@@ -132,6 +132,9 @@ def expand_settings(cfg: BenchConfig) -> list[Setting]:
         raise ValueError(f"seeds must be whole numbers in [0, 2**63), got {bad_seeds}")
     if cfg.mode not in ("engine", "replay"):
         raise ValueError(f"mode must be 'engine' or 'replay', got {cfg.mode!r}")
+    if any(s.name == "ceiling" for s in settings) and (cfg.mode != "replay" or cfg.temperature == 0):
+        raise ValueError("policy 'ceiling' reads the true acceptance probabilities that only a sampled replay knows: "
+                         "use it with mode: replay and temperature > 0")
     given = [k for k in ("draft_cost", "verify_cost", "round_cost") if getattr(cfg, k) is not None]
     if given and cfg.mode == "engine" and not cfg.priced:
         raise ValueError(f"{', '.join(given)} price a run's counts, and this engine run is timed, not priced: set "

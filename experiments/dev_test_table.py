@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _report import report
 
-from specdecpp.bench.summary import paired_difference, read_run_records, repriced, summarize
+from specdecpp.bench.summary import paired_difference, paired_gap_closed, read_run_records, repriced, summarize
 from specdecpp.costs import CostModel
 from specdecpp.plots import variant
 
@@ -84,6 +84,18 @@ def main() -> None:
                 continue
             cells = [paired_difference(records, d, pick["setting"], base[d])[:2] for d in datasets]
             lines.append(f"| {v} | " + " | ".join(f"{x:+.3f} [{lo:+.3f}, {hi:+.3f}]" for x, (lo, hi) in cells) + " |")
+    for bound in ("oracle", "ceiling"):  # how much of the room above K a setting takes, up to each bound
+        top = next((pick["setting"] for v, pick in chosen.items() if v == bound), None)
+        if top is None:
+            continue
+        lines += ["", f"Share of the room between each set's dev-chosen constant K and the {bound} ({top}) that each "
+                  f"chosen setting takes, same prompts, 95% bootstrap interval:", "",
+                  "| policy | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+        for v, pick in chosen.items():
+            if v in ("constant", bound, "oracle"):
+                continue
+            cells = [paired_gap_closed(records, d, pick["setting"], per_set[d], top)[:2] for d in datasets]
+            lines.append(f"| {v} | " + " | ".join(f"{x:+.0%} [{lo:+.0%}, {hi:+.0%}]" for x, (lo, hi) in cells) + " |")
     lines += ["", f"All settings on {args.test} (speedup [95% interval], verification rate, discard rate per "
               "token):", "",
               "| setting | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
@@ -118,9 +130,11 @@ def main() -> None:
             lines.append(f"| {d} | {r['positions']} ({r['rejections']}) | "
                          + " | ".join(f"{r['auroc'][n]:.3f}" for n in names) + " |")
         heads = list(sig[datasets[0]]["ece"])
-        lines += ["", "Heads on the test traces: ECE, and mean predicted vs realised P(>= 1 rejection in k tokens):",
-                  "", "| dataset | head | ECE | " + " | ".join(sig[datasets[0]]["stop_events"][heads[0]]) + " |",
-                  "|---|---|---|" + "---|" * len(sig[datasets[0]]["stop_events"][heads[0]])]
+        if heads:
+            events = list(sig[datasets[0]]["stop_events"][heads[0]])
+            lines += ["", "Heads on the test traces: ECE, and mean predicted vs realised P(>= 1 rejection in k "
+                      "tokens):", "", "| dataset | head | ECE | " + " | ".join(events) + " |",
+                      "|---|---|---|" + "---|" * len(events)]
         for d in datasets:
             for h in heads:
                 ev = sig[d]["stop_events"][h]

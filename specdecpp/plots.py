@@ -74,8 +74,10 @@ def pareto_figure(rows: list[dict], title: str = ""):
         ax.plot(xs, ys, marker=marker, color=color, ls="-" if len(pts) > 1 else "", ms=9 if marker == "*" else 6,
                 mfc="none" if name != policy else None, label=name)
         if all(p[3] and p[4] for p in pts):  # 95% bootstrap intervals over prompts
-            ax.errorbar(xs, ys, xerr=[[x - p[3][0] for x, p in zip(xs, pts)], [p[3][1] - x for x, p in zip(xs, pts)]],
-                        yerr=[[y - p[4][0] for y, p in zip(ys, pts)], [p[4][1] - y for y, p in zip(ys, pts)]],
+            ax.errorbar(xs, ys, xerr=[[max(x - p[3][0], 0) for x, p in zip(xs, pts)],
+                                      [max(p[3][1] - x, 0) for x, p in zip(xs, pts)]],
+                        yerr=[[max(y - p[4][0], 0) for y, p in zip(ys, pts)],
+                              [max(p[4][1] - y, 0) for y, p in zip(ys, pts)]],
                         fmt="none", ecolor=color, alpha=0.5, lw=1)
         for x, y, label, *_ in pts if len(pts) <= 8 else ():
             ax.annotate(label.split(" ", 1)[-1] if " " in label else "", (x, y), fontsize=6, xytext=(3, 3),
@@ -98,8 +100,10 @@ def speedup_figure(rows: list[dict], title: str = ""):
     for y, r in enumerate(rows):
         marker, color = style(r["policy"])
         lo, hi = r.get("speedup_ci") or (r["speedup"], r["speedup"])
-        ax.errorbar([r["speedup"]], [y], xerr=[[r["speedup"] - lo], [hi - r["speedup"]]], fmt=marker, color=color,
-                    ms=9 if marker == "*" else 6, capsize=3)
+        # a percentile interval of a ratio of sums may leave out its own estimate (few prompts, skewed
+        # resamples): the bar then ends at the point rather than refusing to draw
+        err = [[max(r["speedup"] - lo, 0.0)], [max(hi - r["speedup"], 0.0)]]
+        ax.errorbar([r["speedup"]], [y], xerr=err, fmt=marker, color=color, ms=9 if marker == "*" else 6, capsize=3)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=7)
     ax.invert_yaxis()  # the run's first setting on top
     ax.set(xlabel="speedup over target-only (95% interval over prompts)", title=f"speedup: {title}")

@@ -569,3 +569,14 @@ def test_committed_records_read_the_same_compressed(tmp_path):
     (tmp_path / "records.jsonl.gz").write_bytes(gzip.compress((tmp_path / "records.jsonl").read_bytes()))
     (tmp_path / "records.jsonl").unlink()
     assert read_run_records(tmp_path) == plain and len(plain) == 3
+
+
+def test_figures_draw_an_interval_that_leaves_out_its_own_estimate():
+    """A percentile interval of a ratio of sums over few prompts can miss its estimate; the figures must still draw
+    (a run once died at its very end on this, in SpeedupPlot)."""
+    from specdecpp.plots import pareto_figure, speedup_figure
+
+    row = {"policy": "constant", "setting": "constant k=2", "speedup": 1.2, "speedup_ci": [1.25, 1.4],
+           "verification_rate": 0.5, "discard_rate": 0.2, "verification_rate_ci": [0.55, 0.6],
+           "discard_rate_ci": [0.1, 0.15], "params": {"k": 2}}
+    assert speedup_figure([row]) is not None and pareto_figure([row]) is not None

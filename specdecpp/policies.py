@@ -333,7 +333,7 @@ class OnlineCalibration:
         return OnlineCalibration(self.lr)
 
     def prob(self, z: float, i: int = 1) -> float:
-        return 1.0 / (1.0 + math.exp(-(self.a * z + self.b)))
+        return sigmoid(self.a * z + self.b)
 
     def update(self, logits: list[float], accepted: int) -> None:
         """`logits` of Y_1..Y_m in drafting order; the first `accepted` of them were accepted."""
@@ -341,6 +341,14 @@ class OnlineCalibration:
             g = self.prob(z) - y  # d(log loss)/d(a z + b)
             self.a -= self.lr * g * z
             self.b -= self.lr * g
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for any float (a fitted slope times a confident logit can pass 700)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def _labels(drafted: int, accepted: int) -> list[float]:
@@ -368,8 +376,7 @@ class PositionCalibration:
         return PositionCalibration(self.refit_every, self.positions, self.l2, self.iterations)
 
     def prob(self, z: float, i: int = 1) -> float:
-        logit = float(self.theta[0]) * z + float(self.theta[min(i, self.positions)])
-        return 1.0 / (1.0 + math.exp(-logit))
+        return sigmoid(float(self.theta[0]) * z + float(self.theta[min(i, self.positions)]))
 
     def update(self, logits: list[float], accepted: int) -> None:
         self.rows += [(z, i, y) for i, (z, y) in enumerate(zip(logits, _labels(len(logits), accepted)), 1)]

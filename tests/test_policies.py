@@ -290,3 +290,14 @@ def test_per_position_calibration_recovers_a_known_model_and_persists_only_when_
         policy.reset()
         assert torch.equal(policy.online.theta, fitted) == persist
         assert policy.params["per_position"] and policy.params.get("persist", False) == persist
+
+
+def test_calibrated_probabilities_do_not_overflow_at_extreme_logits():
+    """A refit on nearly separable outcomes can give a slope that puts a * z + b past 700 (a replay on the sibling
+    pair died on it in math.exp): the probability saturates instead."""
+    from specdecpp.policies import PositionCalibration, sigmoid
+
+    assert sigmoid(-800.0) == 0.0 and sigmoid(800.0) == 1.0 and sigmoid(0.0) == 0.5
+    cal = PositionCalibration(refit_every=1)
+    cal.theta[0] = 80.0  # what a refit on separable rows can reach
+    assert cal.prob(-13.8, 1) == pytest.approx(0.0) and cal.prob(13.8, 2) == pytest.approx(1.0)

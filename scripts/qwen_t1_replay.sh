@@ -7,7 +7,7 @@
 #   bash scripts/qwen_t1_replay.sh [TEST_PROMPTS]   # then experiments/dev_test_table.py per cost model
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:-20}
+n=${1:-15}
 bench() { .venv/bin/python bench.py --config configs/bench/qwen_t1_replay.yaml "$@"; }
 for model in "measured" "earlier 0.4094370413635173 0.1289263596853095 1.7275170729941087" "gpu 0.05 0 0"; do
   set -- $model

@@ -18,8 +18,9 @@ import yaml
 from _report import report
 from torchmetrics.functional.classification import binary_auroc
 
+from specdecpp.calibration import soft_ece
 from specdecpp.data import AcceptanceDataModule, load_blocks, summarize
-from specdecpp.head import AcceptanceHead, soft_ece, stat_features
+from specdecpp.head import AcceptanceHead, stat_features
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def logistic_reference(dm, w_rej: float) -> list[str]:
     statistics alone). A convex, well-conditioned fit: what the hidden state adds on unseen prompts, whatever a
     head's optimiser makes of it."""
     from specdecpp.head import stat_features
-    from specdecpp.module import weighted_bce
+    from specdecpp.training.metrics import weighted_bce
 
     def xy(split):
         recs = dm.datasets[split].records

@@ -17,7 +17,8 @@ from _report import report
 
 from specdecpp.data import AcceptanceDataModule
 from specdecpp.lowp import fp32_linears
-from specdecpp.module import AcceptanceHeadModule, weighted_bce
+from specdecpp.training import AcceptanceHeadModule
+from specdecpp.training.metrics import weighted_bce
 
 
 def main() -> None:

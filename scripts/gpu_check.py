@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specdecpp import ConstantK, SamplingConfig, TargetOnly, speculative_generate
 from specdecpp.atomic import write_text
 from specdecpp.data import EpochSampler, MixedDataset, Record, collate
-from specdecpp.module import AcceptanceHeadModule
+from specdecpp.training import AcceptanceHeadModule
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256),

@@ -4,7 +4,8 @@ mode). It lives in the package so the demo and experiments call it without impor
 from lightning.pytorch.cli import LightningCLI
 
 from .data import AcceptanceDataModule
-from .module import AcceptanceHeadModule, check_checkpoint
+from .training import AcceptanceHeadModule
+from .training.checkpoints import check_checkpoint
 
 
 class CLI(LightningCLI):

@@ -203,11 +203,3 @@ def fit_platt(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> t
     a, b = ab.detach().tolist()
     return a, b
 
-
-def soft_ece(pred: torch.Tensor, label: torch.Tensor, n_bins: int = 10) -> float:
-    """Expected calibration error against soft labels: sum over equal-width bins of share * |mean pred - mean label|."""
-    pred, label = pred.double().flatten(), label.double().flatten()
-    bins = (pred * n_bins).long().clamp(0, n_bins - 1)
-    count = torch.bincount(bins, minlength=n_bins).double()
-    gap = (torch.bincount(bins, pred, minlength=n_bins) - torch.bincount(bins, label, minlength=n_bins)).abs()
-    return float(gap.sum() / count.sum().clamp_min(1))

@@ -27,6 +27,25 @@ def reliability_figure(rel: dict, title: str = "acceptance head calibration (sof
     return fig
 
 
+def reliability_by_position_figure(rel: dict, title: str = "calibration by position in a draft run"):
+    """One reliability curve per position of a draft token in its run (a round's position: 1, 2, ..., the last
+    position pooling the rest), from a grouped `SoftReliability`; the legend gives each position's soft ECE."""
+    count, pred, label = (rel[k].detach().cpu().float() for k in ("count", "mean_pred", "mean_label"))
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="calibrated")
+    for d in range(len(count)):
+        used = count[d] > 0
+        if used.any():
+            name = f"{d + 1}+" if d == len(count) - 1 else str(d + 1)
+            ece = float(rel["ece_soft"][d])
+            ax.plot(pred[d][used], label[d][used], "o-", ms=3, label=f"position {name} (ECE {ece:.3f})")
+    ax.set(xlabel="predicted P(accept)", ylabel="mean true P(accept)", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
           "confidence": ("^", "tab:purple"), "adaptive_confidence": ("v", "tab:pink"), "svip": ("<", "tab:olive"),
           "adaedl": (">", "tab:cyan"), "margin": ("P", "tab:orange"), "online_confidence": ("h", "tab:brown"),

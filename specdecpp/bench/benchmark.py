@@ -190,7 +190,7 @@ class Benchmark:
     def _replayed(self, dataset: str, prompts: list[str]):
         """Replay mode: (seed, [prompt id], simulate under a policy), priced by the cost model, per prompt and seed
         (greedy: one trace per prompt serves every seed)."""
-        from ..models import cache_dir
+        from ..fetch import cache_dir
         from ..passes import pad_token_id
         from ..replay import make_traces, replay_generation
 

@@ -454,6 +454,10 @@ def test_prompt_offset_takes_later_prompts_keeps_their_ids_and_the_datasets_take
     bench.run()
     order = list(dict.fromkeys((r["dataset"], r["prompt_id"]) for r in bench.records))
     assert order == [("alpaca", 3), ("gsm8k", 3), ("alpaca", 4), ("gsm8k", 4)]  # a run cut short has both sets
+    replay = Benchmark(tiny_cfg(tmp_path / "replay", tiny_head, prompt_offset=3, prompts_per_dataset=2,
+                                datasets="[alpaca,gsm8k]", mode="replay", trace_batch_size=2), callbacks=[])
+    replay.run()  # the engine's order: a fit that persists across generations sees the same sequence in both
+    assert list(dict.fromkeys((r["dataset"], r["prompt_id"]) for r in replay.records)) == order
     with pytest.raises(ValueError, match="prompt_offset must be >= 0"):
         Benchmark(tiny_cfg(tmp_path, tiny_head, prompt_offset=-1))
     with pytest.raises(ValueError, match="humaneval: no prompts after prompt_offset 1000"):

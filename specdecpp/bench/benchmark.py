@@ -113,10 +113,10 @@ class Benchmark:
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
             self._persistent.clear()  # a persistent fit starts with the run, not with the warm-up
-        units = [self._units(d, prompts) for d, prompts in self.prompts.items()]
-        # engine: the datasets take turns, batch by batch, so a run cut short has about as many prompts of each;
-        # replay: one after another (taking turns would hold a batch of traces per dataset in memory)
-        units = _round_robin(*units) if self.cfg.mode == "engine" else itertools.chain(*units)
+        # the datasets take turns, batch by batch, so a run cut short has about as many prompts of each; a replay
+        # takes them in the engine's order (at batch size 1), so a fit that persists across generations sees the
+        # same sequence in both (a replay holds one batch of traces per dataset for it)
+        units = _round_robin(*[self._units(d, prompts) for d, prompts in self.prompts.items()])
         for dataset, seed, pids, generate in units:
             for s in self.settings:  # interleaved per prompt (batch): machine noise hits every setting alike
                 keys = {(dataset, self.cfg.prompt_offset + pid, seed, s.label) for pid in pids}

@@ -6,7 +6,7 @@ Speedup of a speculative setting = its decode tokens/s on a prompt / target-only
 generation at the prompts' depth, measured before and after the speculative runs). Intervals: 95% bootstrap over
 prompts of the ratio of summed times. Build first: `bash scripts/llama_cpp_build.sh`.
 
-    python experiments/llama_cpp_bench.py --prompts 8 --out docs/llama-cpp.md
+    python experiments/llama_cpp_bench.py --prompts 5 --out docs/llama-cpp.md
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from specdecpp.models import load_tokenizer, resolve
 from specdecpp.prompts import load_prompts
 from specdecpp.stats import bootstrap_interval
 
-SETTINGS = {"defaults": [], "n-max 4": ["--spec-draft-n-max", "4"], "n-max 8": ["--spec-draft-n-max", "8"],
+SETTINGS = {"defaults (n-max 3)": [], "n-max 8": ["--spec-draft-n-max", "8"],
             "n-max 16, p-min 0.75": ["--spec-draft-n-max", "16", "--spec-draft-p-min", "0.75"]}
 TEMPS = {"greedy": ["--temp", "0"], "T = 1": ["--temp", "1", "--top-k", "0", "--top-p", "1", "--min-p", "0"]}
 
@@ -46,8 +46,8 @@ def generation_speed(binary: Path, model: Path, threads: int, depth: int, tokens
 def speculate(binary: Path, target: Path, draft: Path, prompt: str, tokens: int, threads: int, seed: int,
               extra: list[str]) -> dict:
     cmd = [str(binary / "llama-speculative-simple"), "-m", str(target), "-md", str(draft), "-p", prompt, "-n",
-           str(tokens), "-t", str(threads), "--spec-draft-threads", str(threads), "-s", str(seed), "-c", "2048",
-           "--no-warmup", *extra]
+           str(tokens), "-t", str(threads), "--spec-draft-threads", str(threads), "--spec-type", "draft-simple",
+           "-s", str(seed), "-c", "2048", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     log = out.stdout + out.stderr
     found = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bin", type=Path, default=cache_dir() / "llama.cpp" / "build" / "bin")
     ap.add_argument("--datasets", nargs="+", default=["alpaca", "humaneval", "gsm8k"])
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--offset", type=int, default=113, help="first prompt: the T = 1 replay's test prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,60 @@
+"""The T = 1 replay against the engine on the real pair, in distribution: the same prompts, seeds, settings and
+cost model, each side with its own random draws. Per setting: the speedup over target-only from each side's
+records (ratio of summed priced times) and tokens per target call, and the replay-minus-engine difference with a
+95% bootstrap interval over prompts (both seeds of a prompt resampled together). An exact replay leaves every
+difference's interval around zero, up to the 1-in-20 misses of 95% intervals.
+
+    python experiments/engine_replay_t1.py --engine docs/records/qwen-t1-test docs/records/qwen-t1-test-seed1 \
+        --replay runs/qwen-t1-engine-check --out docs/qwen-t1-engine-check.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _report import report
+
+from specdecpp.bench.summary import read_run_records
+from specdecpp.stats import bootstrap_interval
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", type=Path, nargs="+", required=True)
+    ap.add_argument("--replay", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    replay = read_run_records(args.replay)
+    engine = [r for run in args.engine for r in read_run_records(run)]
+    key = lambda r: (r["dataset"], r["prompt_id"], r["seed"], r["setting"])  # noqa: E731
+    both = {key(r) for r in replay} & {key(r) for r in engine}
+    replay = {key(r): r for r in replay if key(r) in both}
+    engine = {key(r): r for r in engine if key(r) in both}
+    units = sorted({k[:3] for k in both})
+    settings = sorted({k[3] for k in both} - {"target"})
+    prompts = [u[:2] for u in units]
+    lines = [f"# The T = 1 replay against the engine\n\nEngine: {', '.join(map(str, args.engine))}; replay: "
+             f"{args.replay}. {len(set(prompts))} prompts x {len({u[2] for u in units})} seeds, priced at each run's "
+             "(equal) cost model; 95% bootstrap intervals over prompts. The two sides draw their own samples.\n\n"
+             f"`python experiments/engine_replay_t1.py --engine {' '.join(map(str, args.engine))} --replay "
+             f"{args.replay}`\n",
+             "| setting | engine speedup | replay speedup | replay - engine | engine tokens/call | replay tokens/call "
+             "| replay - engine |", "|---|---|---|---|---|---|---|"]
+    for s in settings:
+        cols = []
+        for side in (engine, replay):
+            cols += [[side[u + ("target",)]["priced_s"] for u in units], [side[u + (s,)]["priced_s"] for u in units],
+                     [side[u + (s,)]["new_tokens"] for u in units], [side[u + (s,)]["target_calls"] for u in units]]
+        speed = [sum(cols[i]) / sum(cols[i + 1]) for i in (0, 4)]
+        per_call = [sum(cols[i + 2]) / sum(cols[i + 3]) for i in (0, 4)]
+        d_speed = bootstrap_interval(cols, lambda t0, t1, n0, c0, t2, t3, n1, c1: t2 / t3 - t0 / t1, groups=prompts)
+        d_call = bootstrap_interval(cols, lambda t0, t1, n0, c0, t2, t3, n1, c1: n1 / c1 - n0 / c0, groups=prompts)
+        lines.append(f"| {s} | {speed[0]:.3f} | {speed[1]:.3f} | {speed[1] - speed[0]:+.3f} [{d_speed[0]:+.3f}, "
+                     f"{d_speed[1]:+.3f}] | {per_call[0]:.3f} | {per_call[1]:.3f} | {per_call[1] - per_call[0]:+.3f} "
+                     f"[{d_call[0]:+.3f}, {d_call[1]:+.3f}] |")
+    report("\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()

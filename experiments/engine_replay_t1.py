@@ -5,7 +5,7 @@ records (ratio of summed priced times) and tokens per target call, and the repla
 difference's interval around zero, up to the 1-in-20 misses of 95% intervals.
 
     python experiments/engine_replay_t1.py --engine docs/records/qwen-t1-test docs/records/qwen-t1-test-seed1 \
-        --replay runs/qwen-t1-engine-check --out docs/qwen-t1-engine-check.md
+        --replay docs/records/qwen-t1-engine-check --out docs/qwen-t1-engine-check.md
 """
 
 from __future__ import annotations
@@ -39,17 +39,22 @@ def main() -> None:
              "(equal) cost model; 95% bootstrap intervals over prompts. The two sides draw their own samples.\n\n"
              f"`python experiments/engine_replay_t1.py --engine {' '.join(map(str, args.engine))} --replay "
              f"{args.replay}`\n",
-             "| setting | engine speedup | replay speedup | replay - engine | engine tokens/call | replay tokens/call "
-             "| replay - engine |", "|---|---|---|---|---|---|---|"]
+             "| setting | engine speedup per token | replay speedup per token | replay - engine | engine tokens/call "
+             "| replay tokens/call | replay - engine |", "|---|---|---|---|---|---|---|"]
     for s in settings:
         cols = []
         for side in (engine, replay):
-            cols += [[side[u + ("target",)]["priced_s"] for u in units], [side[u + (s,)]["priced_s"] for u in units],
-                     [side[u + (s,)]["new_tokens"] for u in units], [side[u + (s,)]["target_calls"] for u in units]]
-        speed = [sum(cols[i]) / sum(cols[i + 1]) for i in (0, 4)]
-        per_call = [sum(cols[i + 2]) / sum(cols[i + 3]) for i in (0, 4)]
-        d_speed = bootstrap_interval(cols, lambda t0, t1, n0, c0, t2, t3, n1, c1: t2 / t3 - t0 / t1, groups=prompts)
-        d_call = bootstrap_interval(cols, lambda t0, t1, n0, c0, t2, t3, n1, c1: n1 / c1 - n0 / c0, groups=prompts)
+            for setting, field in (("target", "priced_s"), ("target", "new_tokens"), (s, "priced_s"),
+                                   (s, "new_tokens"), (s, "target_calls")):
+                cols.append([side[u + (setting,)][field] for u in units])
+
+        def speedup(t, n, ts, ns, calls):  # target-only seconds per token over the setting's
+            return (t / n) / (ts / ns)
+
+        speed = [speedup(*map(sum, cols[i:i + 5])) for i in (0, 5)]
+        per_call = [sum(cols[i + 3]) / sum(cols[i + 4]) for i in (0, 5)]
+        d_speed = bootstrap_interval(cols, lambda *c: speedup(*c[5:]) - speedup(*c[:5]), groups=prompts)
+        d_call = bootstrap_interval(cols, lambda *c: c[8] / c[9] - c[3] / c[4], groups=prompts)
         lines.append(f"| {s} | {speed[0]:.3f} | {speed[1]:.3f} | {speed[1] - speed[0]:+.3f} [{d_speed[0]:+.3f}, "
                      f"{d_speed[1]:+.3f}] | {per_call[0]:.3f} | {per_call[1]:.3f} | {per_call[1] - per_call[0]:+.3f} "
                      f"[{d_call[0]:+.3f}, {d_call[1]:+.3f}] |")

@@ -55,8 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = load_tokenizer(resolve(args.target))
-    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt = prompt["input_ids"] if isinstance(prompt, dict) else list(prompt)
+    prompt = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"])
     extra = torch.randint(100, 20000, (max(args.ks),)).tolist()  # the scored tokens: any ids do for timing
     sampling, g = SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0)
     lines = [f"# A verifying call: engine against bare forward\n\nTarget `{args.target}` on {cpu_description()}, "
@@ -77,7 +77,7 @@ def main() -> None:
             with torch.inference_mode():
                 model(input_ids=torch.tensor([extra[:k]]), cache=bare_cache.cache, use_cache=True,
                       logits_to_keep=k)
-                bare_cache.cache.crop(n)
+                bare_cache.cache.crop(-k)  # a negative count removes that many columns
 
         def ours(k, keep=None):
             with torch.inference_mode():

@@ -113,7 +113,7 @@ def test_train_cli_self_draft_depth_checkpoint_shape_and_damage(tmp_path, tiny_t
     head = json.loads((tmp_path / "d3/lightning_logs/version_0/head/config.json").read_text())
     assert head["draft"]["num_layers"] == 3 and head["draft"]["name"] == "tiny-random:3"
 
-    ckpt = next((tiny_train_run[0] / "checkpoints").glob("*.ckpt"))  # a 2-layer head's
+    ckpt = tiny_train_run[0].parents[1] / "checkpoints" / "last.ckpt"  # a 2-layer head's (under the root folder)
     proc = run_script("train.py", "fit", "--config", "configs/train/tiny.yaml", "--model.num_layers", "3",
                       "--ckpt_path", str(ckpt), "--trainer.max_epochs", "3",
                       "--trainer.default_root_dir", str(tmp_path / "resume"))

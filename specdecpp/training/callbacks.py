@@ -23,7 +23,7 @@ class HeadExport(L.Callback):
         best, dev = None, module.dev_pass
         ckpt = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/loss"), None)
         if module.hparams.export == "best" and ckpt is not None and ckpt.best_model_path:
-            saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+            saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
             state = {k.removeprefix("head."): v for k, v in saved["state_dict"].items() if k.startswith("head.")}
             set_model_state_dict(module.head, state, options=StateDictOptions(full_state_dict=True))
             best, dev = {"epoch": saved["epoch"], "val_loss": float(ckpt.best_model_score)}, saved.get("dev_pass")

@@ -27,7 +27,7 @@ def check_checkpoint(path: str | Path | None, model_args: dict | None = None) ->
     if bad is not None:
         raise ValueError(f"checkpoint {path} is damaged: its member {bad} fails its CRC check")
     if model_args:
-        saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
         check_head_shape(saved, model_args)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from _report import report
 from tqdm import tqdm
 
+from specdecpp.atomic import write_text
 from specdecpp.fetch import cache_dir, fetch_gguf
 from specdecpp.lowp import cpu_description
 from specdecpp.models import load_tokenizer, resolve
@@ -124,7 +125,7 @@ def main() -> None:
             lines.append(f"| {temp} | {s} | " + " | ".join(cells) + " |")
     report("\n".join(lines) + "\n", args.out)
     if args.out:
-        (args.out.with_suffix(".json")).write_text(json.dumps(
+        write_text(args.out.with_suffix(".json"), json.dumps(  # atomic, like the page
             {"pp": pp, "target_speed": [target_before, target_after], "draft_speed": draft_speed,
              "runs": [{"dataset": d, "prompt": i, "sampling": temp, "setting": s, **r}
                       for (d, i, temp, s), r in runs.items()]}, indent=1))

@@ -26,6 +26,7 @@ from _report import report
 from torchmetrics.functional.classification import binary_auroc
 from tqdm import tqdm
 
+from specdecpp.atomic import writing
 from specdecpp.data import load_prepared
 from specdecpp.fetch import cache_dir
 from specdecpp.head import stat_features
@@ -116,8 +117,9 @@ def main() -> None:
     states = cache_dir() / "target_states" / f"{args.train.name}-{args.dev.name}.pt"  # the target pass: minutes
     if not states.is_file():
         model = load_model(args.target, "float32").eval()
-        states.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"train": target_states(model, train), "dev": target_states(model, dev)}, states)
+        computed = {"train": target_states(model, train), "dev": target_states(model, dev)}
+        with writing(states) as tmp:  # an interrupted save never leaves a truncated cache to load next time
+            torch.save(computed, tmp)
     states = torch.load(states)
     xs_train, y_train, g_train = features(train, states["train"], seed=0)
     xs_dev, y_dev, g_dev = features(dev, states["dev"], seed=1)

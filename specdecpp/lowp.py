@@ -37,7 +37,7 @@ def cpu_description() -> str:
                 platform.processor() or platform.machine())
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     return f"{name}, {os.cpu_count()} cores, {' '.join(f for f in DTYPE_FLAGS if f in flags) or 'no AVX2'}"
-FP32_FROM_ROWS = 8  # embedded bf16 draft, 2-core CPU (experiments/rows_bench.py): 8 rows 75 ms either way, 16 rows
+FP32_FROM_ROWS = 8  # embedded bf16 draft, 2-core CPU (docs/rows-bench.md): 8 rows 75 ms either way, 16 rows
 # 133 native vs 91 fp32, 64 rows 471 vs 217
 
 

@@ -25,7 +25,7 @@ Where exactness holds: the replay is the engine's arithmetic up to the draft's f
 teacher-forced pass and the engine's cached incremental forwards compute the same logits in different shapes. With
 fp32 models that changes nothing the policies see (tests/test_replay.py: every round equal). With a bf16 draft it
 does: a near-tie flips the draft's argmax and the statistics move, and near-ties are exactly where a bf16 copy is
-rejected, so replayed rounds differ from the engine's (`experiments/replay_check.py` measures how often). When
+rejected, so replayed rounds differ from the engine's (docs/replay-check.md measured how often). When
 sampling, the promise is equality in distribution (tests/test_replay.py: chi-square against the engine).
 """
 

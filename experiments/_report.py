@@ -8,6 +8,5 @@ from specdecpp.atomic import write_text
 def report(text: str, out: Path | None) -> None:
     print(text)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_text(out, text)  # atomic: an interrupted run leaves the previous page whole
 

@@ -7,17 +7,12 @@
     python experiments/runs_report.py runs/qwen-t1-test --price 0.05 0 0   # its counts at GPU-like costs
     python experiments/runs_report.py runs/qwen-t1-test --plot docs/qwen-t1-test-speedup   # and a figure per set
 
-Reads each run's records.jsonl (several runs are pooled, a generation that two runs hold counted once, the first-listed
-run's: a run of one new setting on the same prompts pools with an earlier run's baselines; priced runs are charged in
-target calls, each run's own measured target call being its unit; two settings are compared on the prompts both
-decoded); prints, per dataset, the
-speedup of each setting (with tokens/s, tokens per target call, discard rate, and for a predictor's rows its
-stop calibration: predicted P(>= 1 rejection) where it stopped drafting against the share of those rounds that
-had a rejection), the speedup difference of each pair of settings (the later-listed minus the earlier, so a config
-that lists its baselines first reads as 'new minus baseline') with its 95% bootstrap interval over prompts
-(bench/summary.py's paired_difference), where an oracle ran beside constant K each setting's share of the room between
-the best constant K and the oracle (paired_gap_closed), and the fit T = t_draft D + t_target R + t_round V
-(costs.fit_cost_model) in target calls, per run (pooled runs may have run on different CPUs).
+Reads each run's records.jsonl (several runs pooled, a generation two runs hold counted once, the first-listed
+run's; priced runs are charged in target calls, each run's own measured call its unit; two settings are compared on
+the prompts both decoded) and prints per dataset each setting's speedup (tokens/s, tokens per target call, discard
+rate, a predictor's stop calibration), each pair's speedup difference (later-listed minus earlier) with its 95%
+bootstrap interval over prompts, with an oracle each setting's share of the room between the best constant K and
+the oracle, and the fit T = t_draft D + t_target R + t_round V in target calls per run.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""Does the target's free state predict acceptance beyond the draft's own q(Y)? (issue: "beyond the draft's own
-confidence"). After each verifying call the target has scored the round's last position for free: its distribution
-p and the final hidden state that produced it. A token drafted d positions into the next round sees that state at
-position j - d.
+"""Does the target's free state predict acceptance beyond the draft's own q(Y)? After each verifying call the
+target has scored the round's last position for free: its distribution p and the hidden state that produced it. A
+token drafted d positions into the next round sees that state at position j - d.
 
 On the prepared T = 1 records of the sibling pair (X ~ p, Y_j ~ q(. | X_<j), soft label min(1, p/q) at Y_j) this
-runs the target once over each prompt + X, draws each position's round offset d uniformly from 1..8 (as far as
-the response allows), and fits logistic regressions with soft labels on the train prompts, each variant's L2
-penalty chosen by 4-fold cross-validation over train prompts (the dev prompts choose nothing):
+runs the target once over each prompt + X, draws each position's round offset d from 1..8 (as far as the response
+allows), and fits soft-label logistic regressions on the train prompts, each L2 penalty chosen by 4-fold
+cross-validation over train prompts (the dev prompts choose nothing):
   * q-stats: the statistics head's inputs (log q(Y), entropy and log top-2 margin of q);
   * + target scalars: entropy and top probability of p_(j-d), log p_(j-d)(X_(j-d)), d;
-  * + target hidden: the same and the target's 1536-d final hidden state at j - d.
-It reports, on the dev prompts (unseen), AUROC against hard labels drawn from the soft ones (mean of 20 draws),
-the soft-label log loss, and each variant's AUROC gain over q-stats with a 95% bootstrap interval over prompts.
+  * + target hidden: the same and the target's 1536-d final hidden state at j - d;
+  * + last round: the scalars and the accepted fraction of the round that ended at j - d (length from 1..8,
+    outcomes drawn from the soft labels).
+On the unseen dev prompts: AUROC against hard labels drawn from the soft ones (mean of 20 draws), soft log loss, and
+each AUROC gain over q-stats with a 95% bootstrap interval over prompts.
 
     python experiments/target_state_signals.py --out docs/target-state-signals.md
 """
@@ -52,8 +53,8 @@ def target_states(model, records) -> list[dict]:
 
 def features(records, states, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Feature blocks, soft labels and each position's prompt number, for positions j >= 1."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = {"q": [], "scalars": [], "hidden": []}
+    g, g_round = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 100)
+    blocks = {"q": [], "scalars": [], "hidden": [], "round": []}
     labels, groups = [], []
     for n, (r, s) in enumerate(zip(records, states)):
         j = torch.arange(1, len(r.target))
@@ -63,6 +64,9 @@ def features(records, states, seed: int) -> tuple[dict, torch.Tensor, torch.Tens
         blocks["scalars"].append(torch.stack([s["entropy"][at], s["top"][at], s["logp_x"][at].clamp_min(-30),
                                               d.float()], -1))
         blocks["hidden"].append(s["hidden"][at])
+        accepted = torch.cat([torch.zeros(1), (torch.rand(len(r.target), generator=g_round) < r.p_acc).cumsum(0)])
+        first = (at + 1 - torch.randint(1, K_MAX + 1, (len(j),), generator=g_round)).clamp_min(0)
+        blocks["round"].append(((accepted[at + 1] - accepted[first]) / (at + 1 - first))[:, None])
         labels.append(r.p_acc[j].float())
         groups.append(torch.full((len(j),), n))
     return {k: torch.cat(v) for k, v in blocks.items()}, torch.cat(labels), torch.cat(groups)
@@ -124,7 +128,8 @@ def main() -> None:
     xs_train, y_train, g_train = features(train, states["train"], seed=0)
     xs_dev, y_dev, g_dev = features(dev, states["dev"], seed=1)
     variants = {"q(Y) alone (no fit)": None, "q-stats": ["q"], "+ target scalars": ["q", "scalars"],
-                "+ target hidden": ["q", "scalars", "hidden"], "target scalars alone": ["scalars"]}
+                "+ target hidden": ["q", "scalars", "hidden"], "target scalars alone": ["scalars"],
+                "+ target scalars + last round": ["q", "scalars", "round"]}
     scores, chosen = {}, {}
     for name, parts in variants.items():
         if parts is None:

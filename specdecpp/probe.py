@@ -49,8 +49,8 @@ def draft_step_ratio(target: nn.Module, draft: nn.Module, tokens: int = 1, repea
 def round_seconds(target: nn.Module, draft: nn.Module, k: int = ROUND_K, repeats: int = 3) -> float:
     """Wall time of one speculative round here: k one-token draft forwards and one (k + 1)-token target forward,
     each model computing those rows as the engine does (`lowp.rows_products`); best of `repeats` after a warm-up."""
-    one = torch.tensor([[11]], device=target.device)
     rows = (torch.arange(10, 11 + k, device=target.device) % target.config.vocab_size)[None]
+    one = rows[:, :1]
     slow = has_slow_linears(target)
 
     def once() -> float:

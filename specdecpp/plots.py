@@ -49,7 +49,7 @@ def reliability_by_position_figure(rel: dict, title: str = "calibration by posit
 STYLES = {"constant": ("o", "tab:blue"), "specdecpp": ("*", "tab:red"), "heuristic": ("s", "tab:green"),
           "confidence": ("^", "tab:purple"), "adaptive_confidence": ("v", "tab:pink"), "svip": ("<", "tab:olive"),
           "adaedl": (">", "tab:cyan"), "margin": ("P", "tab:orange"), "online_confidence": ("h", "tab:brown"),
-          "oracle": ("D", "black"), "target": ("x", "grey")}
+          "ceiling": ("d", "tab:gray"), "oracle": ("D", "black"), "target": ("x", "silver")}
 
 
 def save(fig, path: Path) -> Path:

@@ -27,6 +27,8 @@ from specdecpp.lowp import cpu_description
 from specdecpp.models import load_model
 from specdecpp.prompts import load_prompts
 
+COST_ROWS = [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
+
 
 @torch.inference_mode()
 def top2_gap(target, ids: list[int], ref: list[int], out: list[int]) -> float:
@@ -96,14 +98,22 @@ def main() -> None:
                      f"{cm.verify:.4f} |")
         print(lines[-1], flush=True)
 
-    costs_row(pair.draft, pair.target, ("float32", "float32"))
     names = pair.names
-    draft_bf16 = load_model(names["draft"], "bfloat16")
-    costs_row(draft_bf16, pair.target, ("bfloat16", "float32"))
     del pair
     gc.collect()
-    target_bf16 = load_model(names["target"], "bfloat16")
-    costs_row(draft_bf16, target_bf16, ("bfloat16", "bfloat16"))
+    models = {}
+
+    def model(role: str, dtype: str):  # each (role, dtype) loaded once, only while a row needs it
+        if (role, dtype) not in models:
+            models[role, dtype] = load_model(names[role], dtype)
+        return models[role, dtype]
+
+    for i, (draft_dtype, target_dtype) in enumerate(COST_ROWS):
+        costs_row(model("draft", draft_dtype), model("target", target_dtype), (draft_dtype, target_dtype))
+        following = COST_ROWS[i + 1: i + 2]
+        for key in set(models) - {("draft", d) for d, _ in following} - {("target", t) for _, t in following}:
+            del models[key]  # what the next row does not use
+        gc.collect()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     lines += ["", f"Peak memory of this process: {peak:.1f} GB."]
     text = "\n".join(lines) + "\n"

@@ -597,6 +597,17 @@ def test_resume_extends_a_finished_run_to_more_prompts_and_seeds_and_refuses_to_
     assert max(per_call) == pytest.approx(min(per_call))  # both parts priced by the first part's target call
     with pytest.raises(ValueError, match="may grow, not shrink"):
         run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **kw), [])
+    with pytest.raises(ValueError, match=r"differs in \['max_new_tokens'\]"):
+        run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **{**grown, "max_new_tokens": 9}), [])
+    assert not (tmp_path / "run.running").exists()  # refused before anything was copied
+    assert (tmp_path / "run" / "records.jsonl").read_text().splitlines() == records  # the finished run untouched
+
+    other = tmp_path / "other" / "run"  # a folder that is not a run: resume=true does not make it replaceable
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        run_benchmark(tiny_cfg(tmp_path / "other", tiny_head, resume=True, **kw), [])
+    assert (other / "notes.txt").read_text() == "mine"
 
 
 def test_committed_records_read_the_same_compressed(tmp_path):

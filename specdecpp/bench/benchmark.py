@@ -23,7 +23,7 @@ from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig
 from .callbacks import Callback, default_callbacks
-from .config import BenchConfig, Setting, check_budget, check_heads_match_draft, comparable, expand_settings
+from .config import GROWS, BenchConfig, Setting, check_budget, check_heads_match_draft, comparable, expand_settings
 from .summary import read_run_records, summarize
 
 
@@ -44,10 +44,11 @@ class Benchmark:
         # leaves an earlier run in run_dir as it was
         self.run_dir = Path(cfg.out_dir)
         self.out_dir = self.run_dir.with_name(self.run_dir.name + ".running")
-        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not (cfg.overwrite or cfg.resume):
+        extendable = cfg.resume and _is_run(self.run_dir)  # a finished run that resume=true extends in place
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not (cfg.overwrite or extendable):
             raise FileExistsError(f"out_dir {self.run_dir} holds an earlier run: give a new out_dir, overwrite=true "
                                   f"(the earlier run is replaced only once this one has finished), or resume=true "
-                                  f"to extend it (more prompts or seeds)")
+                                  f"to extend a finished run (more prompts or seeds)")
         self.sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
         self.pair, self.heads = pair, {}
         self.costs: CostModel | None = None  # replay or priced: the cost model that prices the counts
@@ -152,26 +153,25 @@ class Benchmark:
     def _resumed(self) -> list[dict]:
         """The interrupted run's records in out_dir (and the cost model that priced them), if it ran this config; or
         the finished run's in run_dir, which this one extends to more prompts or seeds (priced alike)."""
-        records, config = self.out_dir / "records.jsonl", self.out_dir / "config.yaml"
-        finished = [self.run_dir / name for name in ("records.jsonl", "config.yaml", "costs.json")]
-        if not records.is_file() and all(f.is_file() for f in finished[:2]):  # a finished run, to be extended
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for f in finished:
-                if f.is_file():
-                    shutil.copy2(f, self.out_dir / f.name)
-        if not (records.is_file() and config.is_file()):
+        source = self.out_dir if _is_run(self.out_dir) else self.run_dir if _is_run(self.run_dir) else None
+        if source is None:
             print(f"resume: nothing to resume in {self.out_dir}; starting afresh")
             return []
-        mine, theirs = comparable(OmegaConf.structured(self.cfg)), comparable(OmegaConf.load(config))
+        mine, theirs = comparable(OmegaConf.structured(self.cfg)), comparable(OmegaConf.load(source / "config.yaml"))
         differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k) and k not in GROWS)
         if differ:
-            raise ValueError(f"resume: {self.out_dir} holds a run of another config (it differs in {differ}): "
+            raise ValueError(f"resume: {source} holds a run of another config (it differs in {differ}): "
                              f"resume with that run's config, or drop resume=true to start afresh")
         n, seeds = mine["prompts_per_dataset"], set(mine["seeds"])
         if n < theirs["prompts_per_dataset"] or not set(theirs["seeds"]) <= seeds:
             raise ValueError(f"resume: a run may grow, not shrink: it has prompts_per_dataset="
                              f"{theirs['prompts_per_dataset']} and seeds={theirs['seeds']}, asked for "
                              f"{mine['prompts_per_dataset']} and {mine['seeds']}")
+        if source == self.run_dir:  # checked first, copied second: a refused resume leaves no .running folder behind
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("records.jsonl", "config.yaml", "costs.json"):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, self.out_dir / name)
         kept = read_run_records(self.out_dir)
         costs = self.out_dir / "costs.json"
         if kept and costs.is_file():  # price the rest as the first part was priced
@@ -260,7 +260,9 @@ def _round_robin(*iterables):
                 iterators.remove(it)
 
 
-GROWS = ("prompts_per_dataset", "seeds")  # what a resumed run may add to: its records stay a subset of the new run's
+def _is_run(folder: Path) -> bool:
+    """A benchmark run's folder (finished, or interrupted with records): its config and records are there."""
+    return (folder / "records.jsonl").is_file() and (folder / "config.yaml").is_file()
 
 
 def _key(record: dict) -> tuple:

@@ -96,6 +96,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return OmegaConf.to_object(cfg)
 
 
+GROWS = ("prompts_per_dataset", "seeds")  # what a resumed run may add to: its records stay a subset of the new run's
+
+
 def comparable(cfg) -> dict:
     """A config (structured, or as loaded from a run's config.yaml) as a plain dict on the current schema, without
     the keys that may change when a run is resumed."""

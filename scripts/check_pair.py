@@ -24,7 +24,8 @@ from specdecpp import ConstantK, SamplingConfig, TargetOnly, load_pair
 from specdecpp.costs import measure_costs
 from specdecpp.fetch import cache_dir
 from specdecpp.lowp import cpu_description
-from specdecpp.models import load_model
+from specdecpp.models import PAIR_DTYPE_CACHE, load_model, pair_name
+from specdecpp.probe import ROUND_K, cache_key
 from specdecpp.prompts import load_prompts
 
 COST_ROWS = [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
@@ -58,11 +59,10 @@ def main() -> None:
     lines = [f"# Pair check: {args.target}", "", f"`{command}` on {cpu_description()}, {torch.get_num_threads()} "
              f"threads, {str(pair.target.dtype).removeprefix('torch.')} models.", ""]
     if args.dtype == "auto":  # what the choice rested on: a round's seconds per dtype, measured once per CPU kind
-        measured = json.loads((cache_dir() / "pair_dtype.json").read_text())
-        key = next(k for k in measured if k.startswith(f"{pair.names['target']} drafted by {pair.names['draft']} |")
-                   and k.endswith(cpu_description()))
-        lines += ["dtype auto: a round of 4 drafts and its verifying call took " + ", ".join(
-            f"{v * 1000:.0f} ms in {k}" for k, v in measured[key].items()) + ".", ""]
+        measured = json.loads((cache_dir() / PAIR_DTYPE_CACHE).read_text())
+        seconds = measured[cache_key(pair_name(pair.names["target"], pair.names["draft"]))]
+        lines += [f"dtype auto: a round of {ROUND_K} drafts and its verifying call took " + ", ".join(
+            f"{v * 1000:.0f} ms in {k}" for k, v in seconds.items()) + ".", ""]
     sizes = [sum(p.numel() for p in m.parameters()) / 1e9 for m in (pair.target, pair.draft)]
     seconds = time.perf_counter() - t0
     lines.append(f"Loaded in {seconds:.0f} s: target {sizes[0]:.2f}B, draft {sizes[1]:.2f}B parameters.")

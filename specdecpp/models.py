@@ -309,12 +309,20 @@ def auto_copy(target_model: nn.Module, target: str) -> str:
     return chosen
 
 
+PAIR_DTYPE_CACHE = "pair_dtype.json"  # under cache_dir(): dtype auto's round timings, per pair_name and CPU
+
+
+def pair_name(target, draft) -> str:
+    """A pair as dtype auto's measurements name it."""
+    return f"{target} drafted by {draft}"
+
+
 def auto_pair_dtype(target_model: nn.Module, draft_model: nn.Module, names: str) -> torch.dtype:
     """The dtype in which this pair runs a speculative round fastest on this CPU (measured once per CPU kind and
     pair, then read from the cache: probe.py); says what it chose and why."""
     if target_model.device.type != "cpu":
         return torch.bfloat16  # GPUs have fast bf16
-    dtype, seconds = choose_pair_dtype(target_model, draft_model, names, cache_dir() / "pair_dtype.json")
+    dtype, seconds = choose_pair_dtype(target_model, draft_model, names, cache_dir() / PAIR_DTYPE_CACHE)
     print(f"dtype auto -> {str(dtype).removeprefix('torch.')}: a round of drafts and its verifying call on this CPU ("
           f"{cpu_description()}): " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()))
     return dtype
@@ -342,16 +350,16 @@ def load_pair(target: str | Path = "default", draft: str | Path | int | None = N
     if auto and precision_draft_dtype(draft) is not None:
         raise ValueError(f"dtype auto picks one dtype for both models, and draft {draft!r} is the target in a dtype "
                          f"of its own: give a dtype, or a draft that is a model of its own")
-    target_model = load_model(target, "float32" if auto else dtype, device)
+    load_dtype = "float32" if auto else dtype  # auto: measured from the fp32 pair, then cast once
+    target_model = load_model(target, load_dtype, device)
     tokenizer = load_tokenizer(target)
     if precision_draft_dtype(draft) == "auto":
         draft = auto_copy(target_model, str(target))
     # a target spread over devices: the draft (and the head, and every sampling step) lives on its first one
-    draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device),
-                                        "float32" if auto else dtype)
+    draft_model, draft_tok = load_draft(target, draft, target_model, str(target_model.device), load_dtype)
     check_vocabularies(str(target), tokenizer, str(draft), draft_tok, target_model, draft_model)
     if auto:
-        chosen = auto_pair_dtype(target_model, draft_model, f"{target} drafted by {draft}")
+        chosen = auto_pair_dtype(target_model, draft_model, pair_name(target, draft))
         target_model, draft_model = target_model.to(chosen), draft_model.to(chosen)
     if precision_draft_dtype(draft) is not None and target_model.device.type == "cpu":
         check_precision_draft_speed(target_model, draft_model, str(draft))

@@ -80,15 +80,16 @@ def choose_pair_dtype(target: nn.Module, draft: nn.Module, names: str, cache_fil
     """The dtype in which the fp32 pair (target, draft) runs a speculative round fastest on this CPU, and the measured
     seconds of a round in each candidate. Read from `cache_file` when this CPU and pair were measured before."""
     def measure(dtype):
-        cast = (lambda m: m) if dtype == torch.float32 else (lambda m: copy.deepcopy(m).to(dtype))  # noqa: E731
-        return (timer or round_seconds)(cast(target), cast(draft))
+        if dtype == torch.float32:
+            return (timer or round_seconds)(target, draft)
+        return (timer or round_seconds)(copy.deepcopy(target).to(dtype), copy.deepcopy(draft).to(dtype))
 
     return _fastest(cache_file, names, PAIR_CANDIDATES, measure)
 
 
 def _fastest(cache_file: Path | None, name: str, candidates, measure: Callable[[torch.dtype], float]):
     """The candidate dtype with the least measurement, and every measurement, for `name` on this CPU (cached)."""
-    key = f"{name} | {cpu_description()}"
+    key = cache_key(name)
     cached = _read(cache_file)
     if key in cached:
         measured = cached[key]
@@ -97,6 +98,11 @@ def _fastest(cache_file: Path | None, name: str, candidates, measure: Callable[[
         if cache_file is not None:
             atomic.write_text(cache_file, json.dumps({**cached, key: measured}, indent=2))
     return getattr(torch, min(measured, key=measured.get)), measured
+
+
+def cache_key(name: str) -> str:
+    """What a measurement of `name` (a model, or a pair) is cached under: it and this CPU's description."""
+    return f"{name} | {cpu_description()}"
 
 
 def _read(cache_file: Path | None) -> dict:

@@ -26,6 +26,7 @@ from .lowp import cpu_description, has_slow_linears, rows_products
 
 CANDIDATES = (torch.bfloat16, torch.float16)  # a float32 copy is the target itself: never faster
 PAIR_CANDIDATES = (torch.float32, torch.bfloat16, torch.float16)
+PASSES = 4  # turns of the pair probe: each candidate's best of 4 rounds
 ROUND_K = 4  # drafts in the timed round: about the best constant K of the sibling pair at T = 1 on Alpaca
 
 
@@ -46,7 +47,7 @@ def draft_step_ratio(target: nn.Module, draft: nn.Module, tokens: int = 1, repea
     return best(draft) / best(target)
 
 
-def round_seconds(target: nn.Module, draft: nn.Module, k: int = ROUND_K, repeats: int = 3) -> float:
+def round_seconds(target: nn.Module, draft: nn.Module, k: int = ROUND_K, repeats: int = 1) -> float:
     """Wall time of one speculative round here: k one-token draft forwards and one (k + 1)-token target forward,
     each model computing those rows as the engine does (`lowp.rows_products`); best of `repeats` after a warm-up."""
     rows = (torch.arange(10, 11 + k, device=target.device) % target.config.vocab_size)[None]
@@ -76,25 +77,37 @@ def choose_copy_dtype(target: nn.Module, model_name: str, cache_file: Path | Non
 
 
 def choose_pair_dtype(target: nn.Module, draft: nn.Module, names: str, cache_file: Path | None,
-                      timer: Callable[[nn.Module, nn.Module], float] | None = None) -> tuple[torch.dtype, dict]:
+                      timer: Callable[[nn.Module, nn.Module], float] | None = None,
+                      passes: int = PASSES) -> tuple[torch.dtype, dict]:
     """The dtype in which the fp32 pair (target, draft) runs a speculative round fastest on this CPU, and the measured
-    seconds of a round in each candidate. Read from `cache_file` when this CPU and pair were measured before."""
+    seconds of a round in each candidate (best of `passes`). Read from `cache_file` when this CPU and pair were
+    measured before. The candidates take turns, one round each per pass, so that a load which comes or goes while
+    the probe runs slows every candidate alike instead of the ones measured last (all copies are held at once)."""
+    pairs = {}
+
     def measure(dtype):
-        if dtype == torch.float32:
-            return (timer or round_seconds)(target, draft)
-        return (timer or round_seconds)(copy.deepcopy(target).to(dtype), copy.deepcopy(draft).to(dtype))
+        if dtype not in pairs:
+            pairs[dtype] = (target, draft) if dtype == torch.float32 else \
+                (copy.deepcopy(target).to(dtype), copy.deepcopy(draft).to(dtype))
+        return (timer or round_seconds)(*pairs[dtype])
 
-    return _fastest(cache_file, names, PAIR_CANDIDATES, measure)
+    return _fastest(cache_file, names, PAIR_CANDIDATES, measure, passes)
 
 
-def _fastest(cache_file: Path | None, name: str, candidates, measure: Callable[[torch.dtype], float]):
-    """The candidate dtype with the least measurement, and every measurement, for `name` on this CPU (cached)."""
+def _fastest(cache_file: Path | None, name: str, candidates, measure: Callable[[torch.dtype], float],
+             passes: int = 1):
+    """The candidate dtype with the least measurement (best of `passes`, the candidates taking turns), and every
+    measurement, for `name` on this CPU (cached)."""
     key = cache_key(name)
     cached = _read(cache_file)
     if key in cached:
         measured = cached[key]
     else:
-        measured = {str(dtype).removeprefix("torch."): measure(dtype) for dtype in candidates}
+        times = {dtype: [] for dtype in candidates}
+        for _ in range(passes):
+            for dtype in candidates:
+                times[dtype].append(measure(dtype))
+        measured = {str(dtype).removeprefix("torch."): min(t) for dtype, t in times.items()}
         if cache_file is not None:
             atomic.write_text(cache_file, json.dumps({**cached, key: measured}, indent=2))
     return getattr(torch, min(measured, key=measured.get)), measured

@@ -239,12 +239,28 @@ def test_pair_dtype_auto_picks_the_fastest_round_and_caches_it_per_cpu(tmp_path,
     dtype, seconds = probe.choose_pair_dtype(target, draft, "t drafted by d", cache, fake_round)
     assert dtype == torch.bfloat16 and seconds == {"float32": 0.30, "bfloat16": 0.20, "float16": 0.25}
     assert probe.choose_pair_dtype(target, draft, "t drafted by d", cache, fake_round)[0] == torch.bfloat16
-    assert len(timed) == 3 and target.dtype == draft.dtype == torch.float32  # cached; the fp32 pair untouched
+    assert len(timed) == 3 * probe.PASSES and target.dtype == draft.dtype == torch.float32  # cached; fp32 untouched
     monkeypatch.setattr(probe, "cpu_description", lambda: "Some CPU, 2 cores, avx2 avx512f")
     assert probe.choose_pair_dtype(target, draft, "t drafted by d", cache,
                                    lambda t, d: 0.1 if t.dtype == torch.float32 else 0.5)[0] == torch.float32
     assert len(json.loads(cache.read_text())) == 2
     assert 0 < probe.round_seconds(target, draft, k=3, repeats=1) < 10
+
+
+def test_pair_probe_candidates_take_turns_so_a_load_arriving_midway_does_not_decide(tmp_path):
+    """A load that starts after the first three timed rounds adds 0.5 s to every later round: measuring the
+    candidates one after the other would crown the first (fp32); taking turns keeps each one's unloaded best."""
+    import specdecpp.probe as probe
+
+    order = []
+
+    def loaded_round(t, d):
+        order.append(t.dtype)
+        return {torch.float32: 0.30, torch.bfloat16: 0.20, torch.float16: 0.25}[t.dtype] + 0.5 * (len(order) > 3)
+
+    dtype, seconds = probe.choose_pair_dtype(tiny_llama(0), tiny_llama(1), "t drafted by d", None, loaded_round, 2)
+    assert dtype == torch.bfloat16 and seconds == {"float32": 0.30, "bfloat16": 0.20, "float16": 0.25}
+    assert order == list(probe.PAIR_CANDIDATES) * 2
 
 
 def test_load_pair_dtype_auto_loads_both_models_in_the_measured_dtype(tmp_path, monkeypatch, capsys):

@@ -602,6 +602,15 @@ def test_resume_extends_a_finished_run_to_more_prompts_and_seeds_and_refuses_to_
     assert not (tmp_path / "run.running").exists()  # refused before anything was copied
     assert (tmp_path / "run" / "records.jsonl").read_text().splitlines() == records  # the finished run untouched
 
+    pair = json.loads((tmp_path / "run" / "pair.json").read_text())
+    assert pair["dtypes"] == {"target": "float32", "draft": "float32"}
+    (tmp_path / "run" / "pair.json").write_text(json.dumps({**pair, "dtypes": {"target": "bfloat16",
+                                                                                "draft": "bfloat16"}}))
+    with pytest.raises(ValueError, match="records were decoded with"):  # another CPU's dtype auto chose bf16
+        run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **{**grown, "prompts_per_dataset": 3}), [])
+    assert not (tmp_path / "run.running").exists()
+    assert (tmp_path / "run" / "records.jsonl").read_text().splitlines() == records
+
     other = tmp_path / "other" / "run"  # a folder that is not a run: resume=true does not make it replaceable
     other.mkdir(parents=True)
     (other / "notes.txt").write_text("mine")

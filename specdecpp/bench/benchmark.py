@@ -17,7 +17,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
-from ..atomic import replace_dir
+from ..atomic import replace_dir, write_text
 from ..costs import CostModel, fit_cost_model, measure_costs
 from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
@@ -105,6 +105,7 @@ class Benchmark:
         if not self.records:
             shutil.rmtree(self.out_dir, ignore_errors=True)  # an empty attempt, or one overwrite=true gives up
             self.out_dir.mkdir(parents=True)
+        self._same_pair()
         if (self.cfg.mode == "replay" or self.cfg.priced or self._auto) and self.costs is None:
             self.costs = self._cost_model()
         done = {_key(r) for r in self.records}
@@ -142,6 +143,20 @@ class Benchmark:
         self.out_dir = replace_dir(self.out_dir, self.run_dir)
         return summary
 
+    def _same_pair(self) -> None:
+        """pair.json: the models as loaded (names, and the dtypes `auto` chose on this machine). A resumed run whose
+        models load otherwise (another CPU picked another dtype) is refused: its records would mix two pairs."""
+        dtypes = {role: str(model.dtype).removeprefix("torch.") for role, model in
+                  (("target", self.pair.target), ("draft", self.pair.draft))}
+        loaded = {**self.pair.names, "dtypes": dtypes}
+        facts = self.out_dir / "pair.json"
+        if self.records and facts.is_file() and (kept := json.loads(facts.read_text())) != loaded:
+            if _is_run(self.run_dir) and self.out_dir != self.run_dir:  # a finished run's copy: not left behind
+                shutil.rmtree(self.out_dir)
+            raise ValueError(f"resume: the run's records were decoded with {kept}, and this run loaded {loaded}: "
+                             f"give the dtype the run used (dtype=..., a draft copy:<dtype>), or start afresh")
+        write_text(facts, json.dumps(loaded, indent=2))
+
     def _nothing_to_lose(self) -> list[dict]:
         """A fresh start: refused while an interrupted run's records wait in out_dir.running, unless overwrite."""
         kept = read_run_records(self.out_dir) if (self.out_dir / "records.jsonl").is_file() else []
@@ -169,7 +184,7 @@ class Benchmark:
                              f"{mine['prompts_per_dataset']} and {mine['seeds']}")
         if source == self.run_dir:  # checked first, copied second: a refused resume leaves no .running folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("records.jsonl", "config.yaml", "costs.json"):
+            for name in ("records.jsonl", "config.yaml", "costs.json", "pair.json"):
                 if (source / name).is_file():
                     shutil.copy2(source / name, self.out_dir / name)
         kept = read_run_records(self.out_dir)

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
                     help="recharge dev and test at this cost model (draft step c, per scored token v, round cost r)")
+    ap.add_argument("--figures", metavar="PREFIX", help="link the test run's figures, copied beside the page as "
+                    "PREFIX-pareto_<set>.png and PREFIX-whatif_<set>.png")
     args = ap.parse_args()
     dev, _ = load(args.dev, args.price)
     test, records = load(args.test, args.price)
@@ -140,6 +142,11 @@ def main() -> None:
                 ev = sig[d]["stop_events"][h]
                 lines.append(f"| {d} | {h} | {sig[d]['ece'][h]:.4f} | "
                              + " | ".join(f"{v['predicted']:.3f} vs {v['realised']:.3f}" for v in ev.values()) + " |")
+    if args.figures:
+        lines += ["", "Figures of the test run (priced at its own cost model): Pareto fronts (verification rate "
+                  "against discard rate) and what-if curves per set:", ""]
+        lines += [f"![pareto {d}]({args.figures}-pareto_{d}.png) ![what-if {d}]({args.figures}-whatif_{d}.png)"
+                  for d in datasets]
     report("\n".join(lines) + "\n", args.out)
 
 

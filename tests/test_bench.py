@@ -610,6 +610,11 @@ def test_resume_extends_a_finished_run_to_more_prompts_and_seeds_and_refuses_to_
         run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **{**grown, "prompts_per_dataset": 3}), [])
     assert not (tmp_path / "run.running").exists()
     assert (tmp_path / "run" / "records.jsonl").read_text().splitlines() == records
+    shutil.copytree(tmp_path / "run", tmp_path / "run.running")  # an extension interrupted beside the finished run
+    with pytest.raises(ValueError, match="records were decoded with"):
+        run_benchmark(tiny_cfg(tmp_path, tiny_head, resume=True, **{**grown, "prompts_per_dataset": 3}), [])
+    assert (tmp_path / "run.running" / "records.jsonl").read_text().splitlines() == records  # its records kept
+    shutil.rmtree(tmp_path / "run.running")
 
     other = tmp_path / "other" / "run"  # a folder that is not a run: resume=true does not make it replaceable
     other.mkdir(parents=True)

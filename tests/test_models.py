@@ -248,8 +248,8 @@ def test_pair_dtype_auto_picks_the_fastest_round_and_caches_it_per_cpu(tmp_path,
 
 
 def test_pair_probe_candidates_take_turns_so_a_load_arriving_midway_does_not_decide(tmp_path):
-    """A load that starts after the first three timed rounds adds 0.5 s to every later round: measuring the
-    candidates one after the other would crown the first (fp32); taking turns keeps each one's unloaded best."""
+    """A load that starts after the first pass (three rounds) adds 0.5 s to every later round: the candidates take
+    turns in their order, and each keeps its best round, the unloaded one, so the load decides nothing."""
     import specdecpp.probe as probe
 
     order = []

@@ -56,6 +56,7 @@ class Benchmark:
         self.measured_costs: dict[str, CostModel] = {}
         self.records: list[dict] = []
         self._persistent: dict[str, LengthPolicy] = {}
+        self._copied = False  # resume copied a finished run into out_dir: removed again if the resume is refused
 
     @property
     def total(self) -> int:
@@ -151,7 +152,7 @@ class Benchmark:
         loaded = {**self.pair.names, "dtypes": dtypes}
         facts = self.out_dir / "pair.json"
         if self.records and facts.is_file() and (kept := json.loads(facts.read_text())) != loaded:
-            if _is_run(self.run_dir) and self.out_dir != self.run_dir:  # a finished run's copy: not left behind
+            if self._copied:  # a finished run's copy: not left behind (an interrupted run's records are kept)
                 shutil.rmtree(self.out_dir)
             raise ValueError(f"resume: the run's records were decoded with {kept}, and this run loaded {loaded}: "
                              f"give the dtype the run used (dtype=..., a draft copy:<dtype>), or start afresh")
@@ -184,6 +185,7 @@ class Benchmark:
                              f"{mine['prompts_per_dataset']} and {mine['seeds']}")
         if source == self.run_dir:  # checked first, copied second: a refused resume leaves no .running folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._copied = True
             for name in ("records.jsonl", "config.yaml", "costs.json", "pair.json"):
                 if (source / name).is_file():
                     shutil.copy2(source / name, self.out_dir / name)

@@ -49,7 +49,7 @@ from .head import draft_fingerprint
 from .passes import sample_responses
 from .policies import DraftToken, LengthPolicy
 from .rounds import Sequence
-from .sampling import SamplingConfig, acceptance_prob, draft_stats, probs, residual, sample
+from .sampling import SamplingConfig, acceptance_prob, derived_seed, draft_stats, probs, residual, sample
 from .stats import GenerationStats
 
 GREEDY = SamplingConfig(temperature=0)
@@ -247,8 +247,7 @@ def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int],
 
 def _seeded(device: torch.device, *parts) -> torch.Generator:
     """A generator seeded from `parts`, so a trace's draws depend on its key alone, not on what ran before."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator(device=device).manual_seed(derived_seed(*parts))
 
 
 def make_traces(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,

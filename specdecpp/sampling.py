@@ -7,6 +7,8 @@ transformers; Y_i is the i-th drafted token. The decoder (`decoding.py`) and the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -111,3 +113,13 @@ def expected_acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [...] the probability that a token drawn from q is accepted, E_{Y~q} min(1, p(Y)/q(Y)) =
     sum_y min(p(y), q(y)) = 1 - TV(p, q): the label min(1, p/q) averaged over the draft's sample (DSpark's target)."""
     return torch.minimum(p, q).sum(-1)
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from `parts` (JSON-serializable), so a generation's or a trace's draws depend on what it is
+    (its prompt, its seed), not on what ran before it or beside it. Two prompts given the same plain seed would
+    share one random stream: their first draws would be the same uniforms, and on prompts that start alike (every
+    HumanEval answer opens with one of a few tokens) the same accept or reject, which makes prompts that should be
+    independent samples move together."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

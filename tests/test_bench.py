@@ -143,6 +143,30 @@ def test_a_sampled_replay_runs_every_seed_and_keeps_each_seeds_traces(tmp_path, 
     assert {(r["prompt_id"], r["seed"], r["setting"]): r["round_detail"] for r in again} == rounds
 
 
+def test_a_sampled_engine_run_gives_each_prompt_its_own_draws_and_each_setting_the_same(tmp_path, tiny_head,
+                                                                                         monkeypatch):
+    """Prompts of one seed must not share a random stream (their first draws would coincide, and prompts that start
+    alike would accept or reject together); the settings of one prompt share it (paired comparisons)."""
+    seeds = []
+    generate = specdecpp.models.ModelPair.generate
+
+    def spy(self, prompt, policy, sampling, max_new_tokens, seed=0, **kw):
+        seeds.append((tuple(map(tuple, prompt)), policy.name, seed))
+        return generate(self, prompt, policy, sampling, max_new_tokens, seed=seed, **kw)
+
+    monkeypatch.setattr(specdecpp.models.ModelPair, "generate", spy)
+    cfg = tiny_cfg(tmp_path, tiny_head, temperature=1.0, datasets="[alpaca]", prompts_per_dataset=2,
+                   seeds="[0,1]", max_new_tokens=4, warmup=False)
+    cfg.policies = [PolicySpec("constant", {}, {"k": [2]})]
+    run_benchmark(cfg)
+    units = {}
+    for prompt, policy, seed in seeds:
+        units.setdefault((prompt, seed), set()).add(policy)
+    assert len(units) == 2 * 2  # 2 prompts x 2 seeds: four streams, no two prompts or seeds share one
+    assert len({seed for _, seed in units}) == 4 and len({prompt for prompt, _ in units}) == 2
+    assert all(policies == {"target", "constant"} for policies in units.values())  # one stream for both settings
+
+
 def test_costs_given_to_a_timed_engine_run_are_refused_not_ignored(tmp_path, tiny_head, no_model_loading):
     with pytest.raises(ValueError, match="draft_cost, round_cost price a run's counts"):
         Benchmark(tiny_cfg(tmp_path, tiny_head, draft_cost=0.1, round_cost=0.5))

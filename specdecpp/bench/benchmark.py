@@ -21,7 +21,7 @@ from ..atomic import replace_dir, write_text
 from ..costs import CostModel, fit_cost_model, measure_costs
 from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
-from ..sampling import SamplingConfig
+from ..sampling import SamplingConfig, derived_seed
 from .callbacks import Callback, default_callbacks
 from .config import GROWS, BenchConfig, Setting, check_budget, check_heads_match_draft, comparable, expand_settings
 from .summary import read_run_records, summarize
@@ -212,8 +212,9 @@ class Benchmark:
         for seed, lo in itertools.product(self.cfg.seeds, range(0, len(prompts), size)):
             ids = [self.pair.encode(p) for p in prompts[lo: lo + size]]
 
-            def generate(policy, ids=ids, seed=seed):
-                gens = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens, seed=seed)
+            def generate(policy, ids=ids, seed=seed):  # every setting the same draws; each prompt its own
+                gens = self.pair.generate(ids, policy, self.sampling, self.cfg.max_new_tokens,
+                                          seed=derived_seed("engine", seed, ids))
                 return [(self._priced(g.stats) if self.cfg.priced else g.stats, g.policy) for g in gens]
             yield seed, list(range(lo, lo + len(ids))), generate
 

@@ -1,4 +1,7 @@
 """Batched forwards of a bfloat16/float16 model on a CPU without native kernels for those types.
+A CPU with AVX512-BF16 or AMX-BF16 has them for bf16 (AVX512-FP16 or AMX-FP16 for fp16): there a bf16 model runs
+its own kernels everywhere (on a 2-core AMD EPYC with AVX512-BF16 a bare bf16 forward of 9 tokens costs about
+1.2 one-token steps, the fp32 products 2.2 fp32 steps, docs/qwen-pair-check-avx512bf16.md).
 
 On an AVX2 CPU (no AVX512-BF16/AMX) PyTorch's bf16 matrix products are about 5x slower than fp32 ones, while a
 one-row decode step (a matrix-vector product, bound by reading the weights) is faster in bf16. Teacher-forced
@@ -16,6 +19,7 @@ the embedded 135M draft) at every entry. The engine (`rows_products`) switches t
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from contextlib import contextmanager, nullcontext
@@ -28,15 +32,30 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 DTYPE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")  # what makes a dtype fast
 
 
+NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def _cpuinfo() -> list[str]:
+    return Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (Linux /proc/cpuinfo; none elsewhere)."""
+    return frozenset(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+
+
+def native_kernels(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices natively (fast many-row products), not by emulation."""
+    return bool(cpu_flags() & set(NATIVE_FLAGS.get(dtype, ())))
+
+
 def cpu_description() -> str:
     """The CPU a timing came from: model name, cores, and the instruction-set flags that decide which dtype is fast
     on it (every measured number names it)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    lines = info.splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
                 platform.processor() or platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    return f"{name}, {os.cpu_count()} cores, {' '.join(f for f in DTYPE_FLAGS if f in flags) or 'no AVX2'}"
+    return f"{name}, {os.cpu_count()} cores, {' '.join(f for f in DTYPE_FLAGS if f in cpu_flags()) or 'no AVX2'}"
 FP32_FROM_ROWS = 8  # embedded bf16 draft, 2-core CPU (docs/rows-bench.md): 8 rows 75 ms either way, 16 rows
 # 133 native vs 91 fp32, 64 rows 471 vs 217
 
@@ -47,11 +66,13 @@ def _fp32_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
 
 
 def _slow_on_cpu(module: nn.Module) -> bool:
-    """A low-precision Linear on the CPU, not sharded (FSDP gathers a layer's weights only inside its forward)."""
+    """A low-precision Linear on a CPU without native kernels for its dtype, not sharded (FSDP gathers a layer's
+    weights only inside its forward)."""
     if not isinstance(module, nn.Linear):
         return False
     w = module.weight
-    return w.dtype in LOW_PRECISION and w.device.type == "cpu" and not hasattr(w, "placements")
+    return (w.dtype in LOW_PRECISION and w.device.type == "cpu" and not native_kernels(w.dtype)
+            and not hasattr(w, "placements"))
 
 
 def _fp32_copy(model: nn.Module, weight: torch.Tensor) -> torch.Tensor:

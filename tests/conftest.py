@@ -113,6 +113,15 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
+@pytest.fixture
+def avx2_only(monkeypatch):
+    """This CPU as one without native bf16/fp16 kernels (AVX2), so low-precision products take lowp's fp32 path
+    whatever machine runs the tests."""
+    import specdecpp.lowp
+
+    monkeypatch.setattr(specdecpp.lowp, "cpu_flags", lambda: frozenset({"avx2"}))
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     target = tiny_llama(seed=0, layers=2, sharpness=4.0)

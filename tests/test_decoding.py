@@ -156,7 +156,7 @@ def test_sampling_with_a_precision_draft_matches_the_target_distribution(samplin
 
 
 @pytest.mark.parametrize("policy", [ConstantK(4), Margin(0.3, k_max=8)], ids=repr)
-def test_a_bf16_draft_prefilled_with_fp32_products_keeps_the_output_exact(tiny_pair, policy):
+def test_a_bf16_draft_prefilled_with_fp32_products_keeps_the_output_exact(tiny_pair, policy, avx2_only):
     """A prompt of FP32_FROM_ROWS tokens or more reaches a bf16 draft through fp32 products (lowp.py), later
     one-token steps through its own kernels: the output is still the target's greedy output, also in a batch."""
     from specdecpp.lowp import FP32_FROM_ROWS

@@ -135,7 +135,7 @@ def test_the_engine_decodes_through_accelerate_dispatch_hooks():
     assert out.tokens == reference.tokens
 
 
-def test_fp32_linears_keep_a_bf16_models_values_and_restore_it():
+def test_fp32_linears_keep_a_bf16_models_values_and_restore_it(avx2_only):
     model = tiny_llama(0, layers=2).to(torch.bfloat16).eval()
     ids = torch.randint(0, 64, (3, 9))
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_fp32_linears_keep_a_bf16_models_values_and_restore_it():
         assert not any("forward" in vars(m) for m in fp32.modules())
 
 
-def test_training_forward_of_a_bf16_draft_runs_with_fp32_products():
+def test_training_forward_of_a_bf16_draft_runs_with_fp32_products(avx2_only):
     """The token path of training runs a bf16 draft's decoder and LM head inside fp32_linears (CPU)."""
     from specdecpp.training import AcceptanceHeadModule
 
@@ -170,7 +170,7 @@ def test_training_forward_of_a_bf16_draft_runs_with_fp32_products():
     assert not any("forward" in vars(m) for m in module.draft.modules())
 
 
-def test_fp32_copies_are_kept_with_the_model_and_follow_its_weights():
+def test_fp32_copies_are_kept_with_the_model_and_follow_its_weights(avx2_only):
     from specdecpp.lowp import FP32_FROM_ROWS, has_slow_linears, rows_products
 
     model = tiny_llama(0, layers=1).to(torch.bfloat16).eval()
@@ -196,6 +196,18 @@ def test_fp32_copies_are_kept_with_the_model_and_follow_its_weights():
         assert any("forward" in vars(m) for m in model.modules())
     with rows_products(model, FP32_FROM_ROWS, False):
         assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_a_cpu_with_native_bf16_kernels_runs_a_bf16_model_on_them_and_an_fp16_one_through_fp32(monkeypatch):
+    import specdecpp.lowp as lowp
+
+    monkeypatch.setattr(lowp, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    bf16, fp16 = (tiny_llama(0, layers=1).to(dtype).eval() for dtype in (torch.bfloat16, torch.float16))
+    assert not lowp.has_slow_linears(bf16) and lowp.has_slow_linears(fp16)
+    with fp32_linears(bf16):
+        assert not any("forward" in vars(m) for m in bf16.modules())
+    monkeypatch.setattr(lowp, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16", "amx_fp16"}))
+    assert not lowp.has_slow_linears(bf16) and not lowp.has_slow_linears(fp16)
 
 
 def test_copy_auto_picks_the_faster_copy_and_caches_the_choice_per_cpu(tmp_path, monkeypatch):

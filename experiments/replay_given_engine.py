@@ -11,8 +11,14 @@ probability a_j = min(1, q_j(X_j) / p_j(X_j)) (p, q teacher-forced along X), ind
    mean zero if the replay is exact in distribution; a 95% bootstrap interval over prompts (seeds resampled with
    their prompt).
 
-    python experiments/replay_given_engine.py --dataset humaneval --offset 15 --prompts 10 --seeds 0 1 \
-        --out-dir runs/replay-given-engine --out docs/replay-given-engine.md
+    python experiments/replay_given_engine.py --offset 15 --prompts 15 --seeds 0 1 --draws 3 \
+        --out-dir docs/records/replay-given-engine-humaneval --out docs/replay-given-engine-humaneval.md
+    python experiments/replay_given_engine.py --offset 15 --prompts 15 --seeds 2 3 --draws 3 \
+        --policies "online_confidence h=0.8" --out-dir docs/records/replay-given-engine-humaneval \
+        --out docs/replay-given-engine-humaneval.md
+    python experiments/replay_given_engine.py --offset 15 --prompts 7 --seeds 0 1 --draws 4 --plain-seeds \
+        --out-dir docs/records/replay-given-engine-humaneval-plain-seeds \
+        --out docs/replay-given-engine-humaneval-plain-seeds.md
 
 The engine seeds each prompt from (seed, prompt), as bench.py does; `--plain-seeds` gives every prompt of a seed
 the same stream, as bench.py did before (the prompts' first draws then coincide).
@@ -31,6 +37,7 @@ from _report import report
 from tqdm import tqdm
 
 from specdecpp import load_pair
+from specdecpp.models import load_tokenizer, resolve
 from specdecpp.policies import ConstantK, OnlineConfidence
 from specdecpp.prompts import load_prompts
 from specdecpp.replay import replay_generation, teacher_forced
@@ -92,8 +99,9 @@ def summarize(records: list[dict], eos: set[int]) -> str:
         diff = [e - p for e, p in zip(engine, replay)]
         lo, hi = bootstrap_interval([diff, [1.0] * len(rs)], lambda d, n: d / n,
                                     groups=[r["prompt_id"] for r in rs])
-        lines += [f"\n## {name}: {len({r['prompt_id'] for r in rs})} prompts, {len(rs)} generations, "
-                  f"{len(rs[0]['replayed'])} replay draws each\n",
+        lines += [f"\n## {name}: {len({r['prompt_id'] for r in rs})} prompts x seeds "
+                  f"{sorted({r['seed'] for r in rs})}, {len(rs)} generations, {len(rs[0]['replayed'])} replay draws "
+                  "each\n",
                   f"Tokens per target call: engine {sum(engine) / len(rs):.3f}, replay given the engine's output "
                   f"{sum(replay) / len(rs):.3f}; engine - replay {sum(diff) / len(rs):+.3f} [{lo:+.3f}, {hi:+.3f}] "
                   "(95% bootstrap over prompts).\n",
@@ -134,8 +142,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    pair = load_pair(args.target, args.draft, dtype="float32")
-    eos = {pair.tokenizer.eos_token_id}
     sampling = SamplingConfig(temperature=1.0)
     bodies = load_prompts(args.dataset, args.split)[args.offset: args.offset + args.prompts]
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +150,8 @@ def main() -> None:
     done = {(r["prompt_id"], r["seed"], r["policy"]) for r in records}
     todo = [(args.offset + i, seed, name) for i in range(len(bodies)) for seed in args.seeds for name in args.policies
             if (args.offset + i, seed, name) not in done]
+    pair = load_pair(args.target, args.draft, dtype="float32") if todo else None
+    eos = {load_tokenizer(resolve(args.target)).eos_token_id}
     for pid, seed, name in tqdm(todo, desc="engine + replays given its output"):
         prompt = pair.encode(bodies[pid - args.offset])
         r = {"dataset": args.dataset, "prompt_id": pid, "seed": seed, "policy": name,
@@ -153,10 +161,8 @@ def main() -> None:
             f.write(json.dumps(r) + "\n")
         records.append(r)
     head = (f"# The T = 1 replay given the engine's output\n\n{args.target} drafted by {args.draft}, fp32, T = 1, "
-            f"{args.max_new_tokens} tokens, {args.dataset} prompts {args.offset}-{args.offset + len(bodies) - 1}, "
-            f"seeds {args.seeds}. Records: {path}.\n\n`python experiments/replay_given_engine.py --dataset "
-            f"{args.dataset} --offset {args.offset} --prompts {args.prompts} --seeds "
-            f"{' '.join(map(str, args.seeds))} --draws {args.draws}{' --plain-seeds' * args.plain_seeds}`\n")
+            f"{args.max_new_tokens} tokens, {args.dataset}. Records: {path}, each with its prompt, seed and policy; a "
+            "rerun of a command that made them rewrites this page from them without loading a model.\n")
     report(head + summarize(records, eos) + "\n", args.out)
 
 

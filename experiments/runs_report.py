@@ -6,6 +6,7 @@
     python experiments/runs_report.py runs/qwen-t1-test.running --wall   # a run still going; wall times, not priced
     python experiments/runs_report.py runs/qwen-t1-test --price 0.05 0 0   # its counts at GPU-like costs
     python experiments/runs_report.py runs/qwen-t1-test --plot docs/qwen-t1-test-speedup   # and a figure per set
+    python experiments/runs_report.py docs/records/qwen-t1-test-humaneval --first-rounds   # shared random streams?
 
 Reads each run's records.jsonl (several runs pooled, a generation two runs hold counted once, the first-listed
 run's; priced runs are charged in target calls, each run's own measured call its unit; two settings are compared on
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the report here (markdown: the command, then the report)")
     ap.add_argument("--plot", type=Path, metavar="PREFIX",
                     help="also draw each dataset's speedups with their intervals to PREFIX_<dataset>.png")
+    ap.add_argument("--first-rounds", action="store_true",
+                    help="also count, per setting, the generations whose first drafted token was rejected (prompts "
+                         "that share a random stream show it: they all accept or all reject together)")
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--wall", action="store_true", help="a priced batch-1 run: compare wall times, not priced ones")
     how.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
@@ -92,6 +96,11 @@ def main() -> None:
                              f"{row['speedup_ci'][1]:.3f}] over {row['prompts']} generations; "
                              f"{row['tokens_per_s']:.2f} {rate}, {row['mean_acceptance_length']:.2f} tokens per "
                              f"target call, {row['discard_rate']:.2f} drafted tokens discarded per token")
+                if args.first_rounds and row["policy"] != "target":
+                    firsts = [r["round_detail"][0] for r in records if (r["dataset"], r["setting"]) ==
+                              (dataset, row["setting"]) and r["round_detail"] and r["round_detail"][0]["drafted"]]
+                    lines.append(f"    first drafted token rejected in {sum(f['accepted'] == 0 for f in firsts)} of "
+                                 f"{len(firsts)} generations")
                 for stop in calibration:  # a rejection rule's P(>= 1 rejection) when the round ended vs verification
                     if (stop["dataset"], stop["setting"]) == (dataset, row["setting"]):
                         lines.append(f"    {stop['rounds']} rounds scored by the predictor: predicted "

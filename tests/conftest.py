@@ -130,7 +130,7 @@ def tiny_pair():
 
 @pytest.fixture(scope="session")
 def embedded_pair():
-    """The real SmolLM2-135M-Instruct target with its default draft, its bf16 copy (converted once, then cached)."""
+    """The real SmolLM2-135M-Instruct target with its default draft, its copy in the dtype `copy:auto` picks here."""
     from specdecpp import load_pair
 
     return load_pair("default")

@@ -23,9 +23,14 @@ N_NEW = 16
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn."]
 
 
-def test_default_pair_is_the_targets_bf16_copy_sharing_its_tokenizer(embedded_pair):
-    assert embedded_pair.draft.dtype == torch.bfloat16 and embedded_pair.target.dtype == torch.float32
-    assert embedded_pair.draft.config.num_hidden_layers == embedded_pair.target.config.num_hidden_layers
+def test_default_pair_is_the_targets_low_precision_copy_sharing_its_tokenizer(embedded_pair):
+    """The default draft is `copy:auto`: the target's own weights in the low-precision dtype whose step the probe timed
+    fastest on this CPU (bf16 on AVX2, fp16 on some AVX-512 CPUs)."""
+    draft, target = embedded_pair.draft, embedded_pair.target
+    assert draft.dtype in (torch.bfloat16, torch.float16) and target.dtype == torch.float32
+    assert draft.config.num_hidden_layers == target.config.num_hidden_layers
+    w, v = next(draft.parameters()), next(target.parameters())
+    assert torch.equal(w, v.to(w.dtype))
     assert embedded_pair.tokenizer.eos_token == "<|im_end|>"
 
 

@@ -172,3 +172,19 @@ def test_a_bf16_draft_prefilled_with_fp32_products_keeps_the_output_exact(tiny_p
     batch = speculative_generate(target, draft, [prompt, PROMPTS[1]], [copy.deepcopy(policy) for _ in range(2)],
                                  GREEDY, max_new_tokens=30)
     assert batch[0].tokens == out.tokens and batch[1].tokens == target_greedy(target, PROMPTS[1], 30)
+
+
+def test_a_low_precision_row_cache_returns_the_last_rows_logits_of_a_few_rows_fed_at_once(tiny_pair):
+    """A bf16 model fed a few rows computes every row's logits (a strided LM-head product is slow on CPUs) and
+    returns the last `keep`, the same values as computing them all."""
+    from specdecpp.decoding import _RowCache
+
+    target, _ = tiny_pair
+    model = copy.deepcopy(target).to(torch.bfloat16)
+    one, every = _RowCache(model, 1), _RowCache(model, 1)
+    assert one.low_precision and not _RowCache(target, 1).low_precision
+    ids = [[5, 9, 2, 7]]
+    last = one(ids, keep=1).logits
+    full = every(ids, keep=4).logits
+    assert last.shape == (1, 1, full.shape[-1]) and torch.equal(last[0, 0], full[0, -1])
+    assert torch.equal(one([[3, 4]], keep=2).logits, every([[3, 4]], keep=2).logits)

@@ -31,7 +31,6 @@ from .sampling import n_accepted as n_accepted_prefix
 from .stats import GenerationStats
 
 FILLER = 0  # the token id fed in masked slots: never attended to, its logits never read
-ALL_LOGITS_UP_TO = 16  # a low-precision model's forward of at most this many rows computes every row's logits
 
 
 @dataclass
@@ -52,7 +51,6 @@ class _RowCache:
         self.valid = torch.zeros(rows, 0, dtype=torch.bool, device=model.device)  # [B, columns]
         self.calls = 0
         self.slow = has_slow_linears(model)  # a bf16/fp16 model on a CPU: many-row forwards in fp32 (lowp.py)
-        self.low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
 
     def seen(self, row: int) -> int:
         return len(self.cols[row])
@@ -75,16 +73,14 @@ class _RowCache:
         dev = self.model.device
         appended = torch.tensor([[False] * p + [True] * (new_cols - p) for p in pad], device=dev)
         self.valid = torch.cat([self.valid, appended], 1)
-        # A low-precision LM head applied to the last `keep` of several rows takes a strided batched product that
-        # copies the whole vocabulary matrix (bf16 Qwen2.5-0.5B on a CPU: 445 ms for 2 rows, keep 1, against 47 ms
-        # with keep 2): a few rows get every row's logits, and the last `keep` are returned.
-        every = self.low_precision and keep < new_cols <= ALL_LOGITS_UP_TO
+        # the last `keep` columns by index, not by slice: HF's LM head on a strided slice of the hidden states takes a
+        # batched product that copies the vocabulary matrix (bf16 Qwen2.5-0.5B on a CPU: 477 ms for 2 rows, keep 1,
+        # against 47 ms by index; experiments/lm_head_rows.py)
+        last = torch.arange(max(new_cols - keep, 0), new_cols, device=dev)
         with rows_products(self.model, len(ids) * new_cols, self.slow):
             out = self.model(input_ids=torch.tensor(ids, device=dev), position_ids=torch.tensor(pos, device=dev),
                              attention_mask=None if self.dense else self.valid, cache=self.cache, use_cache=True,
-                             logits_to_keep=new_cols if every else keep, output_hidden_states=hidden)
-        if every:
-            out.logits = out.logits[:, -keep:]
+                             logits_to_keep=last, output_hidden_states=hidden)
         self.calls += 1
         return out
 

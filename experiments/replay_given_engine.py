@@ -37,6 +37,7 @@ from _report import report
 from tqdm import tqdm
 
 from specdecpp import load_pair
+from specdecpp.atomic import write_text
 from specdecpp.models import load_tokenizer, resolve
 from specdecpp.policies import ConstantK, OnlineConfidence
 from specdecpp.prompts import load_prompts
@@ -123,6 +124,19 @@ def summarize(records: list[dict], eos: set[int]) -> str:
     return "\n".join(lines)
 
 
+def _read_records(path: Path) -> list[dict]:
+    """The records so far; a last line cut short by a kill is dropped (its generation runs again), the rest kept."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    try:
+        return [json.loads(line) for line in lines]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in lines[:-1]]  # an earlier damaged line is not ours to drop: raises
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
@@ -146,7 +160,7 @@ def main() -> None:
     bodies = load_prompts(args.dataset, args.split)[args.offset: args.offset + args.prompts]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / "records.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    records = _read_records(path)
     done = {(r["prompt_id"], r["seed"], r["policy"]) for r in records}
     todo = [(args.offset + i, seed, name) for i in range(len(bodies)) for seed in args.seeds for name in args.policies
             if (args.offset + i, seed, name) not in done]

@@ -45,11 +45,25 @@ def stat_features(prob: torch.Tensor, entropy: torch.Tensor, margin: torch.Tenso
     return torch.stack([prob.float().clamp_min(1e-6).log(), entropy.float(), margin.float().clamp_min(1e-4).log()], -1)
 
 
+FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @torch.no_grad()
-def draft_fingerprint(model: nn.Module) -> list[float]:
-    """Sums of the draft's first and last weight tensors: tells two drafts of one shape apart, cheaply."""
+def draft_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> list[float]:
+    """Sums of the draft's first and last weight tensors (cast to `dtype` first, if given): tells two drafts of one
+    shape apart, cheaply."""
     params = list(model.parameters())
-    return [float(params[0].double().sum()), float(params[-1].double().sum())]
+    return [float(params[i].to(dtype or params[i].dtype).double().sum()) for i in (0, -1)]
+
+
+def draft_fingerprints(model: nn.Module) -> dict[str, list[float]]:
+    """The draft's fingerprint in each dtype it may run in: a head trained on an fp32 draft then recognises that
+    draft's own bf16 or fp16 copy (the same cast of the same weights), and nothing else."""
+    return {_dtype_name(dt): draft_fingerprint(model, dt) for dt in FINGERPRINT_DTYPES}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _same(a, b) -> bool:
@@ -107,9 +121,12 @@ class AcceptanceHead(nn.Module):
         config = getattr(draft, "config", draft)
         seen = {k: getattr(config, attr, None) for k, attr in (("hidden_size", "hidden_size"),
                 ("num_layers", "num_hidden_layers"), ("vocab_size", "vocab_size"))}
-        if isinstance(draft, nn.Module) and "fingerprint" in self.draft:
-            seen["fingerprint"] = draft_fingerprint(draft)
         trained = {**self.draft, "hidden_size": self.hidden_size}
+        if isinstance(draft, nn.Module) and ("fingerprint" in trained or "fingerprints" in trained):
+            dtype = next(draft.parameters()).dtype
+            seen["fingerprint"] = draft_fingerprint(draft)
+            if "fingerprints" in trained:  # one per dtype; a head from before them knows its draft's own dtype only
+                trained["fingerprint"] = trained.pop("fingerprints").get(_dtype_name(dtype), f"none for {dtype}")
         differ = {k: (trained[k], v) for k, v in seen.items()
                   if k in trained and v is not None and not _same(trained[k], v)}
         if differ:

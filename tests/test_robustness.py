@@ -1,5 +1,6 @@
 """The defects a hostile new user found (issue 19), each reproduced: nothing lost, nothing silent."""
 
+import copy
 import json
 import math
 import shutil
@@ -13,7 +14,7 @@ from specdecpp import ConstantK, SamplingConfig, SpecDecPP, speculative_generate
 from specdecpp.bench import Benchmark, load_config, run_benchmark
 from specdecpp.bench.callbacks import Callback, JsonlWriter
 from specdecpp.data import AcceptanceDataModule, load_prepared
-from specdecpp.head import AcceptanceHead, draft_fingerprint
+from specdecpp.head import AcceptanceHead, draft_fingerprint, draft_fingerprints
 from specdecpp.models import ModelPair, draft_ref
 from specdecpp.policies import Heuristic, Oracle, make_policy
 from specdecpp.prompts import load_prompts
@@ -194,6 +195,24 @@ def test_a_head_is_checked_against_the_draft_wherever_it_meets_one(pair, tmp_pat
     with pytest.raises(ValueError, match=r"num_layers 3 \(trained\) vs 2 \(given\)"):
         speculative_generate(pair.target, pair.draft, [3, 4, 5], SpecDecPP(deeper, 0.5, 1, 4), SamplingConfig(0), 4)
     speculative_generate(pair.target, pair.draft, [3, 4], SpecDecPP(torch.nn.Linear(hidden, 1), 0.5), max_new_tokens=3)
+
+
+def test_a_head_fits_its_drafts_low_precision_copies_and_no_others(pair):
+    """A head records its draft's fingerprint per dtype: the draft cast to bf16 or fp16 fits, another draft's cast
+    does not, and a head that recorded only its draft's own dtype refuses every cast."""
+    hidden = pair.draft.config.hidden_size
+    identity = {"name": "tiny-noisy", "hidden_size": hidden, "num_layers": 2, "vocab_size": len(WORDS) + 2}
+    head = AcceptanceHead(hidden, 1, {**identity, "fingerprints": draft_fingerprints(pair.draft)})
+    legacy = AcceptanceHead(hidden, 1, {**identity, "fingerprint": draft_fingerprint(pair.draft)})
+    other = noisy_draft(pair.target, 0.5, seed=7)
+    for dtype in (torch.bfloat16, torch.float16):
+        head.check_draft(copy.deepcopy(pair.draft).to(dtype))
+        with pytest.raises(ValueError, match="fingerprint"):
+            head.check_draft(copy.deepcopy(other).to(dtype))
+        with pytest.raises(ValueError, match="fingerprint"):
+            legacy.check_draft(copy.deepcopy(pair.draft).to(dtype))
+    head.check_draft(pair.draft)
+    legacy.check_draft(pair.draft)
 
 
 def test_an_interrupted_head_export_leaves_the_previous_head_whole(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import get_cosine_schedule_with_warmup
 
-from ..head import N_STATS, AcceptanceHead, draft_fingerprint, stat_features
+from ..head import N_STATS, AcceptanceHead, draft_fingerprints, stat_features
 from ..lowp import fp32_linears
 from ..models import default_draft, draft_ref, load_draft, precision_draft_dtype
 from ..sampling import draft_stats
@@ -57,7 +57,7 @@ class AcceptanceHeadModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the head only, never the draft
         self.draft: torch.nn.Module | None = None
         self.head: AcceptanceHead | None = None
-        self._draft_fingerprint: list[float] | None = None
+        self._draft_fingerprints: dict[str, list[float]] | None = None
         self.val = ValidationMetrics(w_rej, n_bins)
         self.dev_pass: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits, soft labels) of the last dev pass
 
@@ -68,14 +68,14 @@ class AcceptanceHeadModule(L.LightningModule):
         of_target = isinstance(draft, int) or precision_draft_dtype(draft) is not None
         return {"name": f"{self.hparams.target}:{draft}" if of_target else str(draft or self.hparams.target),
                 "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
-                "fingerprint": self._draft_fingerprint}
+                "fingerprints": self._draft_fingerprints}  # fp32, bf16 and fp16: the head fits the draft's casts
 
     def configure_model(self) -> None:
         h = self.hparams
         if self.draft is None:  # (a caller may set `draft` to a model in hand before fitting)
             self.draft = load_draft(h.target, h.draft)[0].requires_grad_(False).eval()
-        if self._draft_fingerprint is None:  # before sharding: the sums need whole weights
-            self._draft_fingerprint = draft_fingerprint(self.draft)
+        if self._draft_fingerprints is None:  # before sharding: the sums need whole weights
+            self._draft_fingerprints = draft_fingerprints(self.draft)
         if self.head is None:
             self.head = AcceptanceHead(self.draft.config.hidden_size, h.num_layers, self.draft_identity,
                                        N_STATS if h.head_stats else 0, h.head_hidden)

@@ -6,10 +6,10 @@ probability a_j = min(1, q_j(X_j) / p_j(X_j)) (p, q teacher-forced along X), ind
 1. Calibration: over every position the engine drafted up to and including its round's first rejection,
    sum(accepted - a_j) has mean 0 and variance sum a_j (1 - a_j) if the premise holds. z-scores per offset in the
    round (1 = a round's first token) and in all; a long-round bias shows at high offsets.
-2. The replay itself given X: `draws` replays of the same policy on traces built on X (`teacher_forced` with fresh
-   draws and branches) estimate E[tokens per target call | X]. The engine's realized tokens per call minus that has
-   mean zero if the replay is exact in distribution; a 95% bootstrap interval over prompts (seeds resampled with
-   their prompt).
+2. The replay itself given X: `draws` replays of the same policy on traces built on X (one `score_along` pass, then
+   `draw_trace` with fresh draws and branches) estimate E[tokens per target call | X]. The engine's realized tokens
+   per call minus that has mean zero if the replay is exact in distribution; a 95% bootstrap interval over prompts
+   (seeds resampled with their prompt).
 
     python experiments/replay_given_engine.py --offset 15 --prompts 15 --seeds 0 1 --draws 3 \
         --out-dir docs/records/replay-given-engine-humaneval --out docs/replay-given-engine-humaneval.md
@@ -41,24 +41,12 @@ from specdecpp.atomic import write_text
 from specdecpp.models import load_tokenizer, resolve
 from specdecpp.policies import ConstantK, OnlineConfidence
 from specdecpp.prompts import load_prompts
-from specdecpp.replay import replay_generation, teacher_forced
-from specdecpp.sampling import SamplingConfig, derived_seed, probs
+from specdecpp.replay import draw_trace, replay_generation, score_along
+from specdecpp.sampling import SamplingConfig, derived_seed
 from specdecpp.stats import bootstrap_interval
 
 POLICIES = {"constant k=6": lambda: ConstantK(6),
             "online_confidence h=0.8": lambda: OnlineConfidence(0.8, lr=0.05, k_max=16)}
-
-
-@torch.inference_mode()
-def acceptance_along(pair, prompt: list[int], x: list[int], sampling: SamplingConfig) -> list[float]:
-    """a_j = min(1, q_j(X_j) / p_j(X_j)) at every position of X, from one teacher-forced pass of each model."""
-    ids = torch.tensor([prompt + x])
-    at = slice(len(prompt) - 1, len(prompt) + len(x) - 1)
-    p = probs(pair.target(input_ids=ids).logits[0, at], sampling)
-    q = probs(pair.draft(input_ids=ids).logits[0, at], sampling)
-    xs = torch.tensor(x)[:, None]
-    p_x, q_x = p.gather(-1, xs)[:, 0], q.gather(-1, xs)[:, 0]
-    return (q_x / p_x).clamp(max=1.0).tolist()
 
 
 def tested_positions(rounds: list[dict], x: list[int], eos: set[int]) -> list[tuple[int, int, int]]:
@@ -79,13 +67,13 @@ def generate(pair, prompt, name, seed, sampling, max_new_tokens, draws, eos, pla
     gen = pair.generate(prompt, POLICIES[name](), sampling, max_new_tokens, seed=engine_seed)
     x = list(gen.tokens)
     rounds = [{"drafted": r.drafted, "accepted": r.accepted} for r in gen.stats.rounds]
+    scored = score_along(pair.draft, prompt, x, eos, sampling, pair.target)  # p and q along X, shared by the draws
     replayed = []
     for d in range(draws):
         draws_from = torch.Generator(pair.draft.device).manual_seed(derived_seed("given-engine", prompt, x, d))
-        trace = teacher_forced(pair.draft, prompt, x, eos, sampling, pair.target, draws_from)
-        stats = replay_generation(trace, POLICIES[name](), max_new_tokens)
+        stats = replay_generation(draw_trace(scored, draws_from), POLICIES[name](), max_new_tokens)
         replayed.append([stats.new_tokens, stats.target_calls])
-    return {"x": x, "rounds": rounds, "a": acceptance_along(pair, prompt, x, sampling), "replayed": replayed,
+    return {"x": x, "rounds": rounds, "a": scored.accept_x.tolist(), "replayed": replayed,
             "new_tokens": gen.stats.new_tokens, "target_calls": gen.stats.target_calls}
 
 

@@ -208,41 +208,82 @@ class Trace:
             b.cache = None
 
 
+@dataclass
+class Scored:
+    """One teacher-forced pass of the draft (and, when sampling, of the target) over prompt + X: what every draw of
+    a trace along X starts from. Draws share it (a branch copies the caches it starts from)."""
+
+    prompt: list[int]
+    target: list[int]  # X
+    eos: set[int]
+    sampling: SamplingConfig
+    draft_model: torch.nn.Module
+    cache: DynamicCache  # the draft's, after prompt + X
+    logits_q: torch.Tensor  # [N, V]: the draft's logits at each position of X
+    hidden: torch.Tensor  # [N, H]: its final hidden state there
+    q: torch.Tensor | None = None  # sampling: [N, V] warped draft probabilities
+    p: torch.Tensor | None = None  # sampling: [N, V] warped target probabilities
+    target_model: torch.nn.Module | None = None
+    target_cache: DynamicCache | None = None
+
+    @property
+    def accept_x(self) -> torch.Tensor:
+        """[N] min(1, q_j(X_j) / p_j(X_j)): the chance that position j, when drafted, was accepted given output X."""
+        x = torch.tensor(self.target, device=self.q.device)[:, None]
+        return acceptance_prob(self.q.gather(-1, x)[:, 0], self.p.gather(-1, x)[:, 0])
+
+
 @torch.inference_mode()
-def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int],
-                   sampling: SamplingConfig = GREEDY, target_model: torch.nn.Module | None = None,
-                   generator: torch.Generator | None = None) -> Trace:
-    """The token drafted at every position of X and what a policy reads of it, from one pass of the draft over
-    prompt + X (and, when sampling, one of `target_model` for p): greedy, the draft's argmax D_j; sampling, X_j
-    with probability min(1, q_j(X_j) / p_j(X_j)), else R_j ~ norm(max(0, q_j - p_j)), drawn from `generator`."""
+def score_along(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int],
+                sampling: SamplingConfig = GREEDY, target_model: torch.nn.Module | None = None) -> Scored:
+    """One pass of the draft over prompt + X (and, when sampling, one of `target_model` for p)."""
     cache = DynamicCache(config=draft.config)
     ids = torch.tensor([prompt + target], device=draft.device)
     out = draft(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True)
     at = slice(len(prompt) - 1, len(prompt) + len(target) - 1)  # position t predicts token t + 1
-    logits_q, hidden = out.logits[0, at], out.hidden_states[-1][0, at]  # [N, V], [N, H]
+    scored = Scored(prompt, target, eos, sampling, draft, cache, out.logits[0, at], out.hidden_states[-1][0, at])
     if sampling.greedy:
-        drafted = logits_q.argmax(-1)
+        return scored
+    if target_model is None:
+        raise ValueError("a sampled trace needs the target model: its p_j decide which drafts are accepted")
+    target_cache = DynamicCache(config=target_model.config)
+    logits_p = target_model(input_ids=ids.to(target_model.device), cache=target_cache, use_cache=True,
+                            logits_to_keep=len(target) + 1).logits
+    scored.p = probs(logits_p[0, :-1], sampling).to(scored.logits_q.device)
+    scored.q = probs(scored.logits_q, sampling)
+    scored.target_model, scored.target_cache = target_model, target_cache
+    return scored
+
+
+@torch.inference_mode()
+def draw_trace(scored: Scored, generator: torch.Generator | None = None) -> Trace:
+    """The token drafted at every position of X and what a policy reads of it: greedy, the draft's argmax D_j;
+    sampling, X_j with probability min(1, q_j(X_j) / p_j(X_j)), else R_j ~ norm(max(0, q_j - p_j)), drawn from
+    `generator` (which the trace's branches then go on drawing from)."""
+    s = scored
+    if s.sampling.greedy:
+        drafted = s.logits_q.argmax(-1)
     else:
-        if target_model is None:
-            raise ValueError("a sampled trace needs the target model: its p_j decide which drafts are accepted")
-        target_cache = DynamicCache(config=target_model.config)
-        logits_p = target_model(input_ids=ids.to(target_model.device), cache=target_cache, use_cache=True,
-                                logits_to_keep=len(target) + 1).logits
-        p, q = probs(logits_p[0, :-1], sampling).to(logits_q.device), probs(logits_q, sampling)  # [N, V] each
-        x = torch.tensor(target, device=q.device)
-        keep = acceptance_prob(q.gather(-1, x[:, None])[:, 0], p.gather(-1, x[:, None])[:, 0])  # min(1, q/p) at X
-        u = torch.rand(len(target), generator=generator, device=q.device)
-        rejected = sample(residual(q, p), generator)  # norm(max(0, q - p)); drawn everywhere, used where u >= keep
-        drafted = torch.where(u < keep, x, rejected)
-        accept = acceptance_prob(p.gather(-1, drafted[:, None])[:, 0], q.gather(-1, drafted[:, None])[:, 0])
-    stats = torch.stack(draft_stats(logits_q, drafted), -1).tolist()
-    tokens = [DraftToken(*st, h) for st, h in zip(stats, hidden.float().cpu())]
-    if not sampling.greedy:  # the true acceptance probability of each drafted token: the predictor ceiling's input
-        for token, a in zip(tokens, accept.tolist()):
-            token.accept = a
-        return Trace(prompt, target, drafted.tolist(), tokens, eos, draft, cache, sampling=sampling,
-                     generator=generator, target_model=target_model, target_cache=target_cache)
-    return Trace(prompt, target, drafted.tolist(), tokens, eos, draft, cache)
+        x = torch.tensor(s.target, device=s.q.device)
+        u = torch.rand(len(s.target), generator=generator, device=s.q.device)
+        rejected = sample(residual(s.q, s.p), generator)  # norm(max(0, q - p)); drawn everywhere, used where u >= keep
+        drafted = torch.where(u < s.accept_x, x, rejected)
+        accept = acceptance_prob(s.p.gather(-1, drafted[:, None])[:, 0], s.q.gather(-1, drafted[:, None])[:, 0])
+    stats = torch.stack(draft_stats(s.logits_q, drafted), -1).tolist()
+    tokens = [DraftToken(*st, h) for st, h in zip(stats, s.hidden.float().cpu())]
+    if s.sampling.greedy:
+        return Trace(s.prompt, s.target, drafted.tolist(), tokens, s.eos, s.draft_model, s.cache)
+    for token, a in zip(tokens, accept.tolist()):  # the true acceptance probability: the predictor ceiling's input
+        token.accept = a
+    return Trace(s.prompt, s.target, drafted.tolist(), tokens, s.eos, s.draft_model, s.cache, sampling=s.sampling,
+                 generator=generator, target_model=s.target_model, target_cache=s.target_cache)
+
+
+def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int],
+                   sampling: SamplingConfig = GREEDY, target_model: torch.nn.Module | None = None,
+                   generator: torch.Generator | None = None) -> Trace:
+    """A trace along X: `score_along` then `draw_trace`."""
+    return draw_trace(score_along(draft, prompt, target, eos, sampling, target_model), generator)
 
 
 def _seeded(device: torch.device, *parts) -> torch.Generator:

@@ -164,3 +164,22 @@ def test_sampled_traces_carry_each_drafted_tokens_true_acceptance_probability(sa
     assert checked > 5
     with pytest.raises(ValueError, match="only a replay of a sampled trace has"):
         speculative_generate(target, draft, PROMPT, Ceiling(0.5), cfg, NEW, generator=torch.Generator())
+
+
+def test_draws_from_one_scoring_share_it_and_accept_x_at_the_couplings_rate(sampling_setup):
+    """`teacher_forced` is `score_along` then `draw_trace`: the same generator state gives the same trace. Many draws
+    from one scoring (what experiments/replay_given_engine.py does) accept X_j at the rate accept_x says."""
+    from specdecpp.replay import draw_trace, score_along
+
+    target, draft, cfg, _ = sampling_setup
+    x = sample_responses(target, [PROMPT], cfg, NEW, set(), 0, torch.Generator().manual_seed(4))[0]
+    a = teacher_forced(draft, PROMPT, x, set(), cfg, target, torch.Generator().manual_seed(9))
+    scored = score_along(draft, PROMPT, x, set(), cfg, target)
+    b = draw_trace(scored, torch.Generator().manual_seed(9))
+    assert (a.draft, [t.accept for t in a.tokens]) == (b.draft, [t.accept for t in b.tokens])
+    n, g = 4000, torch.Generator().manual_seed(11)
+    hits = torch.tensor([[d == t for d, t in zip(draw_trace(scored, g).draft, x)] for _ in range(n)]).float()
+    rate, expected = hits.mean(0), scored.accept_x
+    assert 0 < float(expected.min()) < 0.99  # some positions are rejected often: the rates test something
+    z = (rate - expected) / (expected * (1 - expected) / n).clamp_min(1e-12).sqrt()
+    assert float(z.abs().max()) < 4.0

@@ -41,25 +41,12 @@ from specdecpp.atomic import write_text
 from specdecpp.models import load_tokenizer, resolve
 from specdecpp.policies import ConstantK, OnlineConfidence
 from specdecpp.prompts import load_prompts
-from specdecpp.replay import draw_trace, replay_generation, score_along
+from specdecpp.replay import draw_trace, replay_generation, score_along, verified_positions
 from specdecpp.sampling import SamplingConfig, derived_seed
 from specdecpp.stats import bootstrap_interval
 
 POLICIES = {"constant k=6": lambda: ConstantK(6),
             "online_confidence h=0.8": lambda: OnlineConfidence(0.8, lr=0.05, k_max=16)}
-
-
-def tested_positions(rounds: list[dict], x: list[int], eos: set[int]) -> list[tuple[int, int, int]]:
-    """(position j in X, offset in its round from 1, accepted 0/1) for each drafted position up to and including
-    its round's first rejection: the positions whose acceptance verification decided."""
-    out, t = [], 0
-    for r in rounds:
-        d, n = r["drafted"], r["accepted"]
-        out += [(t + i, i + 1, int(i < n)) for i in range(min(n + 1, d))]
-        t += n + (0 if n and x[t + n - 1] in eos else 1)
-    if t != len(x):
-        raise ValueError(f"the rounds commit {t} tokens, the output holds {len(x)}")
-    return out
 
 
 def generate(pair, prompt, name, seed, sampling, max_new_tokens, draws, eos, plain_seeds=False) -> dict:
@@ -97,7 +84,7 @@ def summarize(records: list[dict], eos: set[int]) -> str:
                   "| offset in round | positions | accepted | expected (sum a_j) | z |", "|---|---|---|---|---|"]
         by_offset: dict[str, list[float]] = {}
         for r in rs:
-            for j, i, ok in tested_positions(r["rounds"], r["x"], eos):
+            for j, i, ok in verified_positions([(c["drafted"], c["accepted"]) for c in r["rounds"]], r["x"], eos):
                 for key in (str(i) if i <= 8 else "9+", "all"):
                     cell = by_offset.setdefault(key, [0, 0, 0.0, 0.0])
                     a = r["a"][j]

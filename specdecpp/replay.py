@@ -279,6 +279,20 @@ def draw_trace(scored: Scored, generator: torch.Generator | None = None) -> Trac
                  generator=generator, target_model=s.target_model, target_cache=s.target_cache)
 
 
+def verified_positions(rounds: list[tuple[int, int]], x: list[int], eos: set[int]) -> list[tuple[int, int, int]]:
+    """(position j in X, offset in its round from 1, accepted 0/1) for each drafted position up to and including its
+    round's first rejection, from a generation's rounds (drafted, accepted) and output X: the positions whose
+    acceptance verification decided. Given X, position j was accepted with probability `Scored.accept_x[j]`,
+    independently of the others (the coupling), whatever the policy."""
+    out, t = [], 0
+    for d, n in rounds:
+        out += [(t + i, i + 1, int(i < n)) for i in range(min(n + 1, d))]
+        t += n + (0 if n and x[t + n - 1] in eos else 1)
+    if t != len(x):
+        raise ValueError(f"the rounds commit {t} tokens, the output holds {len(x)}")
+    return out
+
+
 def teacher_forced(draft: torch.nn.Module, prompt: list[int], target: list[int], eos: set[int],
                    sampling: SamplingConfig = GREEDY, target_model: torch.nn.Module | None = None,
                    generator: torch.Generator | None = None) -> Trace:

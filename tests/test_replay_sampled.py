@@ -183,3 +183,43 @@ def test_draws_from_one_scoring_share_it_and_accept_x_at_the_couplings_rate(samp
     assert 0 < float(expected.min()) < 0.99  # some positions are rejected often: the rates test something
     z = (rate - expected) / (expected * (1 - expected) / n).clamp_min(1e-12).sqrt()
     assert float(z.abs().max()) < 4.0
+
+
+def given_output_z(target, draft, cfg, policy, n: int, mirrored: bool = False) -> dict[str, float]:
+    """z-scores per offset in the round ("1", "2", "3+") and in all of sum(accepted - a_j) over n engine generations,
+    a_j = min(1, q_j(X_j) / p_j(X_j)) teacher-forced along each generation's own output X (`mirrored`: the wrong
+    min(1, p/q), the negative control)."""
+    from specdecpp.replay import score_along, verified_positions
+
+    cells: dict[str, list[float]] = {}
+    g = torch.Generator().manual_seed(20_000)
+    for lo in range(0, n, 500):
+        for gen in speculative_generate(target, draft, [PROMPT] * min(500, n - lo), policy, cfg, 12, generator=g):
+            x = list(gen.tokens)
+            scored = score_along(draft, PROMPT, x, set(), cfg, target)
+            a = (scored.p / scored.q).gather(-1, torch.tensor(x)[:, None])[:, 0].clamp(max=1) if mirrored \
+                else scored.accept_x
+            for j, i, ok in verified_positions([(r.drafted, r.accepted) for r in gen.stats.rounds], x, set()):
+                for key in (str(min(i, 3)) + ("+" if i >= 3 else ""), "all"):
+                    c = cells.setdefault(key, [0.0, 0.0])
+                    c[0] += ok - float(a[j])
+                    c[1] += float(a[j] * (1 - a[j]))
+    return {k: d / v ** 0.5 for k, (d, v) in cells.items()}
+
+
+@pytest.mark.parametrize("index", [0, 2, 3], ids=["constant", "online_confidence", "specdecpp"])
+def test_the_engine_accepts_each_position_as_the_coupling_says_given_its_output(sampling_setup, index):
+    """What experiments/replay_given_engine.py tests on the real pair, here on the toy pair with 1,000 generations of
+    12 tokens and long rounds (k_max 8): given the engine's output X, each verified position was accepted with
+    probability min(1, q_j(X_j) / p_j(X_j)), at every offset in the round. Fails by chance with probability about
+    1e-4 per cell; the mirrored min(1, p/q) fails it."""
+    target, draft, cfg, _ = sampling_setup
+    make = [lambda: ConstantK(6), None, lambda: OnlineConfidence(0.8, lr=0.5, k_max=8), lambda: SpecDecPP(
+        torch.nn.Linear(target.config.hidden_size, 1), threshold=0.8, k_min=1, k_max=8)][index]
+    torch.manual_seed(0)
+    z = given_output_z(target, draft, cfg, make(), 1000)
+    assert set(z) >= {"1", "2", "3+", "all"}
+    assert max(abs(v) for v in z.values()) < 3.9, z
+    if index == 0:
+        torch.manual_seed(0)
+        assert given_output_z(target, draft, cfg, make(), 200, mirrored=True)["all"] < -3.9  # about -38

@@ -167,6 +167,17 @@ def test_a_sampled_engine_run_gives_each_prompt_its_own_draws_and_each_setting_t
     assert all(policies == {"target", "constant"} for policies in units.values())  # one stream for both settings
 
 
+def test_a_timed_engine_run_with_auto_stops_reports_wall_time_not_priced_speeds(tmp_path, tiny_head, capsys):
+    """An 'auto' stop needs a cost model, so a timed run measures one; its table still reports wall time."""
+    cfg = tiny_cfg(tmp_path, tiny_head, datasets="[alpaca]", prompts_per_dataset=2, max_new_tokens=4)
+    cfg.policies = [PolicySpec("specdecpp", {"k_min": 1, "k_max": 4}, {"threshold": ["auto"]})]
+    run_benchmark(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert (tmp_path / "run" / "costs.json").is_file() and all(r["priced_s"] is None for r in records)
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "pred.t/s" not in out and "priced from counts" not in out
+
+
 def test_costs_given_to_a_timed_engine_run_are_refused_not_ignored(tmp_path, tiny_head, no_model_loading):
     with pytest.raises(ValueError, match="draft_cost, round_cost price a run's counts"):
         Benchmark(tiny_cfg(tmp_path, tiny_head, draft_cost=0.1, round_cost=0.5))

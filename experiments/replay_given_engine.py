@@ -19,6 +19,8 @@ probability a_j = min(1, q_j(X_j) / p_j(X_j)) (p, q teacher-forced along X), ind
     python experiments/replay_given_engine.py --offset 15 --prompts 15 --seeds 4 5 6 7 --draws 3 \
         --policies "online_confidence h=0.8" --out-dir docs/records/replay-given-engine-humaneval-fresh \
         --out docs/replay-given-engine-humaneval-fresh.md
+    python experiments/replay_given_engine.py --dataset alpaca --offset 15 --prompts 15 --seeds 0 1 --draws 3 \
+        --out-dir docs/records/replay-given-engine-alpaca --out docs/replay-given-engine-alpaca.md
     python experiments/replay_given_engine.py --offset 15 --prompts 7 --seeds 0 1 --draws 4 --plain-seeds \
         --out-dir docs/records/replay-given-engine-humaneval-plain-seeds \
         --out docs/replay-given-engine-humaneval-plain-seeds.md

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import replace_dir
+from .lowp import dtype_name
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -59,11 +60,7 @@ def draft_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> lis
 def draft_fingerprints(model: nn.Module) -> dict[str, list[float]]:
     """The draft's fingerprint in each dtype it may run in: a head trained on an fp32 draft then recognises that
     draft's own bf16 or fp16 copy (the same cast of the same weights), and nothing else."""
-    return {_dtype_name(dt): draft_fingerprint(model, dt) for dt in FINGERPRINT_DTYPES}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return {dtype_name(dt): draft_fingerprint(model, dt) for dt in FINGERPRINT_DTYPES}
 
 
 def _same(a, b) -> bool:
@@ -126,7 +123,7 @@ class AcceptanceHead(nn.Module):
             dtype = next(draft.parameters()).dtype
             seen["fingerprint"] = draft_fingerprint(draft)
             if "fingerprints" in trained:  # one per dtype; a head from before them knows its draft's own dtype only
-                trained["fingerprint"] = trained.pop("fingerprints").get(_dtype_name(dtype), f"none for {dtype}")
+                trained["fingerprint"] = trained.pop("fingerprints").get(dtype_name(dtype), f"none for {dtype}")
         differ = {k: (trained[k], v) for k, v in seen.items()
                   if k in trained and v is not None and not _same(trained[k], v)}
         if differ:

@@ -50,6 +50,11 @@ def native_kernels(dtype: torch.dtype) -> bool:
     return bool(cpu_flags() & set(NATIVE_FLAGS.get(dtype, ())))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how records, caches and heads name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_description() -> str:
     """The CPU a timing came from: model name, cores, and the instruction-set flags that decide which dtype is fast
     on it (every measured number names it)."""

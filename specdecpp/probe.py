@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import atomic
-from .lowp import cpu_description, has_slow_linears, rows_products
+from .lowp import cpu_description, dtype_name, has_slow_linears, rows_products
 
 CANDIDATES = (torch.bfloat16, torch.float16)  # a float32 copy is the target itself: never faster
 PAIR_CANDIDATES = (torch.float32, torch.bfloat16, torch.float16)
@@ -107,7 +107,7 @@ def _fastest(cache_file: Path | None, name: str, candidates, measure: Callable[[
         for _ in range(passes):
             for dtype in candidates:
                 times[dtype].append(measure(dtype))
-        measured = {str(dtype).removeprefix("torch."): min(t) for dtype, t in times.items()}
+        measured = {dtype_name(dtype): min(t) for dtype, t in times.items()}
         if cache_file is not None:
             atomic.write_text(cache_file, json.dumps({**cached, key: measured}, indent=2))
     return getattr(torch, min(measured, key=measured.get)), measured

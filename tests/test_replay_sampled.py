@@ -200,7 +200,7 @@ def given_output_z(target, draft, cfg, policy, n: int, mirrored: bool = False) -
             a = (scored.p / scored.q).gather(-1, torch.tensor(x)[:, None])[:, 0].clamp(max=1) if mirrored \
                 else scored.accept_x
             for j, i, ok in verified_positions([(r.drafted, r.accepted) for r in gen.stats.rounds], x, set()):
-                for key in (str(min(i, 3)) + ("+" if i >= 3 else ""), "all"):
+                for key in ("3+" if i >= 3 else str(i), "all"):
                     c = cells.setdefault(key, [0.0, 0.0])
                     c[0] += ok - float(a[j])
                     c[1] += float(a[j] * (1 - a[j]))

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from ..atomic import replace_dir, write_text
 from ..costs import CostModel, fit_cost_model, measure_costs
+from ..lowp import dtype_name
 from ..policies import LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig, derived_seed
@@ -107,7 +108,7 @@ class Benchmark:
             shutil.rmtree(self.out_dir, ignore_errors=True)  # an empty attempt, or one overwrite=true gives up
             self.out_dir.mkdir(parents=True)
         self._same_pair()
-        if (self.cfg.mode == "replay" or self.cfg.priced or self._auto) and self.costs is None:
+        if (self.prices or self._auto) and self.costs is None:
             self.costs = self._cost_model()
         done = {_key(r) for r in self.records}
         for cb in self.callbacks:
@@ -147,7 +148,7 @@ class Benchmark:
     def _same_pair(self) -> None:
         """pair.json: the models as loaded (names, and the dtypes `auto` chose on this machine). A resumed run whose
         models load otherwise (another CPU picked another dtype) is refused: its records would mix two pairs."""
-        dtypes = {role: str(model.dtype).removeprefix("torch.") for role, model in
+        dtypes = {role: dtype_name(model.dtype) for role, model in
                   (("target", self.pair.target), ("draft", self.pair.draft))}
         loaded = {**self.pair.names, "dtypes": dtypes}
         facts = self.out_dir / "pair.json"
@@ -194,7 +195,7 @@ class Benchmark:
         if kept and costs.is_file():  # price the rest as the first part was priced
             saved = {k: CostModel(**v) for k, v in json.loads(costs.read_text()).items()}
             self.costs, self.measured_costs["start"] = saved["used"], saved["start"]
-        elif kept and (self.cfg.mode == "replay" or self.cfg.priced):
+        elif kept and self.prices:
             raise ValueError(f"resume: {costs} is missing, so the rest could not be priced as the first part was")
         print(f"resume: {len(kept)} records kept from {self.out_dir}" + ("" if self.costs or not kept else
               " (wall times from two processes: machine noise may differ between the parts)"))
@@ -244,6 +245,11 @@ class Benchmark:
                 for cb in self.callbacks:  # after every setting ran on it: its branches are there
                     cb.on_trace(self, dataset, self.cfg.prompt_offset + pid, trace)
                 trace.release()
+
+    @property
+    def prices(self) -> bool:
+        """Whether the records are charged by the cost model (a replay, or a priced engine run), not timed."""
+        return self.cfg.mode == "replay" or self.cfg.priced
 
     @property
     def _auto(self) -> bool:

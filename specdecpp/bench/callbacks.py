@@ -209,8 +209,8 @@ class ConsoleSummary(Callback):
     """The table people read first, then the cost-model check, the threshold suggestion and where files are."""
 
     def on_end(self, bench, summary):
-        priced = bench.cfg.mode == "replay" or bench.cfg.priced  # a timed engine run keeps costs for 'auto' stops only
-        print(format_summary(summary, bench.prompts, bench.costs if priced else None))
+        # a timed run may hold a cost model for its 'auto' stops: its table still reports wall time
+        print(format_summary(summary, bench.prompts, bench.costs if bench.prices else None))
         for dataset in bench.prompts:
             line = verdict(bench.records, summary, dataset)
             if line:

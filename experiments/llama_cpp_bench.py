@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 from _report import report
@@ -97,7 +99,7 @@ def main() -> None:
              f"Q4_K_M GGUF (the files the project converts to its fp32 pair). Prompts {args.offset}-"
              f"{args.offset + args.prompts - 1} of {', '.join(args.datasets)} in the chat template, up to "
              f"{args.new_tokens} new tokens; context depth {depth} tokens (the prompts' mean) for llama-bench.\n\n"
-             f"`python experiments/llama_cpp_bench.py --prompts {args.prompts}`\n",
+             f"`python experiments/llama_cpp_bench.py {shlex.join(sys.argv[1:])}`\n",
              "## Cost shape (llama-bench)\n",
              f"- target-only generation: {target_before:.2f} tokens/s before the speculative runs, "
              f"{target_after:.2f} after (speedups below divide by their mean, {target_speed:.2f})",

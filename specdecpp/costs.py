@@ -106,23 +106,32 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, context: int 
                      round_cost=max(a / one - 1.0, 0.0))
 
 
+def fit_times(records: list[dict]) -> tuple[float, float, float] | None:
+    """(t_draft, t_target, t_round) in seconds: T = t_draft N_draft + t_target N_target + t_round N_verify (the
+    paper's two terms, plus what a target call that verifies drafts costs beyond a one-token call), fitted by least
+    squares to each generation's decoding time (total minus the prompt prefill, which no policy changes). t_draft
+    prices one drafted token: its draft step and its share of the verification (not free when the target is
+    compute-bound, as on a CPU). Oracle rows are left out: their timing includes a lookahead they do not book.
+    None when nothing but the oracle drafted (target-only rows alone cannot tell the three costs apart)."""
+    rs = [r for r in records if r["policy"] != "oracle"]
+    if not any(r["drafted"] for r in rs):
+        return None
+    x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
+    y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
+    t_draft, t_target, t_round = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
+    return t_draft, t_target, t_round
+
+
 def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[float, float, float]]:
-    """Per dataset, T = t_draft N_draft + t_target N_target + t_round N_verify (the paper's two terms, plus what a
-    target call that verifies drafts costs beyond a one-token call), fitted by least squares to each generation's
-    decoding time (total minus the prompt prefill, which no policy changes); then each setting's time per token
-    predicted from its counts alone plus its measured prefill. Oracle rows are left out of the fit: their timing
-    includes a lookahead they do not book. t_draft prices one drafted token: its draft step and its share of the
-    verification (not free when the target is compute-bound, as on a CPU). Target-only rows (no verifying call)
-    tell t_target from t_round. A dataset where nothing but the oracle drafted is not fitted."""
+    """`fit_times` per dataset; then each setting's time per token (in `summary`) predicted from its counts alone
+    plus its measured prefill, beside the time measured. A dataset where nothing but the oracle drafted is not
+    fitted."""
     fits = {}
     for dataset in {r["dataset"] for r in records}:
-        rs = [r for r in records if r["dataset"] == dataset and r["policy"] != "oracle"]
-        if not any(r["drafted"] for r in rs):  # target-only rows alone cannot tell the three costs apart
+        fit = fit_times([r for r in records if r["dataset"] == dataset])
+        if fit is None:
             continue
-        x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
-        y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
-        t_draft, t_target, t_round = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
-        fits[dataset] = (t_draft, t_target, t_round)
+        t_draft, t_target, t_round = fits[dataset] = fit
         for row in summary:
             if row["dataset"] == dataset:
                 predicted = (t_draft * row["drafted"] + t_target * row["target_calls"]
@@ -131,6 +140,25 @@ def fit_cost_model(records: list[dict], summary: list[dict]) -> dict[str, tuple[
                 row.update(t_draft=t_draft, t_target=t_target, t_round=t_round, predicted_s_per_token=predicted,
                            measured_s_per_token=measured, cost_model_error=predicted / measured - 1)
     return fits
+
+
+def refreshed(costs: CostModel, records: list[dict], min_records: int = 6) -> CostModel:
+    """The engine's own prices, for stops that read a cost model (threshold auto): `fit_times` over the timed
+    generations so far, in target calls, once they tell the three costs apart (at least `min_records`, target-only
+    ones among them, and a full-rank fit with positive draft and target times); `costs` (the probe's, from bare
+    forwards) until then. The fit prices a drafted token's step and its share of the verification together, so
+    c + v lands in `draft` (verify 0), and r is clipped at 0. A bare forward misses what the engine adds (sampling
+    over the vocabulary, the head, a draft step that feeds two tokens after a fully accepted round)."""
+    rs = [r for r in records if r["policy"] != "oracle"]
+    if len(rs) < min_records or not any(r["policy"] == "target" for r in rs):
+        return costs
+    x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
+    if torch.linalg.matrix_rank(x) < 3:
+        return costs
+    t_draft, t_target, t_round = fit_times(rs)
+    if t_draft <= 0 or t_target <= 0:
+        return costs
+    return CostModel(target_s=t_target, draft=t_draft / t_target, verify=0.0, round_cost=max(t_round / t_target, 0.0))
 
 
 def verified_rounds(record: dict) -> int:

@@ -9,7 +9,7 @@ from omegaconf.errors import ConfigKeyError
 import specdecpp.models
 from specdecpp.bench import Benchmark, Callback, PolicySpec, default_callbacks, load_config, run_benchmark
 from specdecpp.bench.config import expand_settings
-from specdecpp.costs import suggest_threshold
+from specdecpp.costs import CostModel, refreshed, suggest_threshold
 from specdecpp.head import AcceptanceHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +176,22 @@ def test_a_timed_engine_run_with_auto_stops_reports_wall_time_not_priced_speeds(
     assert (tmp_path / "run" / "costs.json").is_file() and all(r["priced_s"] is None for r in records)
     out = capsys.readouterr().out
     assert "tok/s" in out and "pred.t/s" not in out and "priced from counts" not in out
+
+
+def test_a_timed_run_prices_auto_stops_by_its_own_timings_as_they_come_in(tmp_path, tiny_head):
+    cfg = tiny_cfg(tmp_path, tiny_head, datasets="[alpaca]", prompts_per_dataset=4, max_new_tokens=6)
+    cfg.policies = [PolicySpec("constant", {}, {"k": [2]}),
+                    PolicySpec("specdecpp", {"k_min": 1, "k_max": 4}, {"threshold": ["auto"]})]
+    run_benchmark(cfg)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    costs = {k: CostModel(**v) for k, v in json.loads((run / "costs.json").read_text()).items()}
+    auto = [i for i, r in enumerate(records) if r["params"].get("threshold") == "auto"]
+    assert len(auto) == 4 and all("stop_costs" not in r for r in records if r["policy"] != "specdecpp")
+    for i in auto:  # each generation priced by the fit to the generations before it (the probe's until it can)
+        assert CostModel(**records[i]["stop_costs"]) == refreshed(costs["start"], records[:i])
+    assert CostModel(**records[auto[0]]["stop_costs"]) == costs["start"]
+    assert costs["engine alpaca"] == refreshed(costs["start"], records)
 
 
 def test_costs_given_to_a_timed_engine_run_are_refused_not_ignored(tmp_path, tiny_head, no_model_loading):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from specdecpp.costs import CostModel, fit_cost_model, gap_closed, measure_costs, share_of_room, whatif
+from specdecpp.costs import (CostModel, fit_cost_model, gap_closed, measure_costs, refreshed, share_of_room,
+                             whatif)
 from specdecpp.stats import GenerationStats, Round
 
 
@@ -64,6 +65,21 @@ def test_the_engine_fit_recovers_the_cost_of_a_verifying_call():
     fits = fit_cost_model(records, summary)
     assert fits["d"] == pytest.approx((t_d, t_t, t_r))
     assert all(abs(row["cost_model_error"]) < 1e-9 for row in summary)
+
+
+def test_auto_stops_are_priced_by_the_engine_timings_once_they_tell_the_costs_apart():
+    probe = CostModel(target_s=0.1, draft=0.3, verify=0.02, round_cost=0.5)
+    t_d, t_t = 0.044, 0.11
+    shapes = [("target", 64, 0, 0), ("constant k=2", 22, 22, 44), ("specdecpp auto", 30, 29, 40),
+              ("target", 64, 0, 0), ("constant k=2", 24, 24, 48), ("specdecpp auto", 25, 25, 50)]
+    records = [_record(s, c, v, d, t_d * d + t_t * c - 0.01 * v) for s, c, v, d in shapes]  # r < 0: clipped
+    engine = refreshed(probe, records)
+    assert (engine.target_s, engine.draft, engine.verify, engine.round_cost) == pytest.approx((t_t, 0.4, 0.0, 0.0))
+    assert engine.round_units(3) == pytest.approx(1 + 3 * 0.4)
+    assert refreshed(probe, records[:5]) is probe  # too few generations yet
+    assert refreshed(probe, [r for r in records if r["policy"] != "target"] * 2) is probe  # 1 + r and t cannot part
+    same_shape = [_record(s, c, c, 2 * c, t_d * 2 * c + t_t * c) for s, c, _, _ in shapes if s != "target"]
+    assert refreshed(probe, records[:1] + same_shape * 2) is probe  # every round drafts 2: rank 2
 
 
 def test_whatif_prices_verifying_calls():

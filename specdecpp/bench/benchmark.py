@@ -18,9 +18,9 @@ from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from ..atomic import replace_dir, write_text
-from ..costs import CostModel, fit_cost_model, measure_costs
+from ..costs import CostModel, fit_cost_model, measure_costs, refreshed
 from ..lowp import dtype_name
-from ..policies import LengthPolicy, make_policy
+from ..policies import AUTO, LengthPolicy, make_policy
 from ..prompts import TEST_ONLY, load_prompts
 from ..sampling import SamplingConfig, derived_seed
 from .callbacks import Callback, default_callbacks
@@ -55,6 +55,8 @@ class Benchmark:
         self.costs: CostModel | None = None  # replay or priced: the cost model that prices the counts
         # replay or priced: the same measurement at the start and again at the end (the drift of a shared machine)
         self.measured_costs: dict[str, CostModel] = {}
+        # a timed engine run's auto stops: each dataset's costs refit from its timed generations (costs.refreshed)
+        self.stop_costs: dict[str, CostModel] = {}
         self.records: list[dict] = []
         self._persistent: dict[str, LengthPolicy] = {}
         self._copied = False  # resume copied a finished run into out_dir: removed again if the resume is refused
@@ -74,17 +76,18 @@ class Benchmark:
             self.heads[head_dir] = AcceptanceHead.from_pretrained(head_dir).to(self.pair.device).eval()
             self.heads[head_dir].check_draft(self.pair.draft)
 
-    def policy(self, setting: Setting) -> LengthPolicy:
+    def policy(self, setting: Setting, dataset: str | None = None) -> LengthPolicy:
         """The setting's policy: a new object per generation unless it persists (its fit carries over the run's
-        generations, in the order the run decodes them), priced by the run's cost model when its threshold is auto."""
-        if setting.label in self._persistent:
-            return self._persistent[setting.label]
-        policy = make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)),
-                             **setting.policy_params)
+        generations, in the order the run decodes them), priced, when its threshold is auto, by the run's cost
+        model: in a timed engine run, the one refit from the dataset's timed generations so far."""
+        policy = self._persistent.get(setting.label)
+        if policy is None:
+            policy = make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)),
+                                 **setting.policy_params)
+            if getattr(policy, "persist", False):
+                self._persistent[setting.label] = policy
         if hasattr(policy, "costs"):
-            policy.costs = self.costs
-        if getattr(policy, "persist", False):
-            self._persistent[setting.label] = policy
+            policy.costs = self.stop_costs.get(dataset, self.costs)
         return policy
 
     def run(self) -> list[dict]:
@@ -110,6 +113,8 @@ class Benchmark:
         self._same_pair()
         if (self.prices or self._auto) and self.costs is None:
             self.costs = self._cost_model()
+        for dataset in self.prompts:  # a resumed run's auto stops start from the timings it kept
+            self._refresh(dataset)
         done = {_key(r) for r in self.records}
         for cb in self.callbacks:
             cb.on_start(self)
@@ -128,13 +133,16 @@ class Benchmark:
                 if keys <= done:  # decoded before the run was interrupted
                     continue
                 self.records = [r for r in self.records if _key(r) not in keys]  # a batch cut short: again
-                for pid, (stats, policy) in zip(pids, generate(self.policy(s))):
+                for pid, (stats, policy) in zip(pids, generate(self.policy(s, dataset))):
                     record = {"dataset": dataset, "prompt_id": self.cfg.prompt_offset + pid, "seed": seed,
                               "policy": s.name, "params": s.params, "setting": s.label, "mode": self.cfg.mode,
                               **stats.to_dict(), "stop_log": getattr(policy, "stop_log", None)}
+                    if getattr(policy, "threshold", None) == AUTO:  # what its stops were priced by
+                        record["stop_costs"] = dataclasses.asdict(policy.costs)
                     self.records.append(record)
                     for cb in self.callbacks:
                         cb.on_record(self, record)
+                self._refresh(dataset)
         if self.costs is not None:
             self.measured_costs["end"] = measure_costs(self.pair.target, self.pair.draft)
         summary = summarize(self.records, self.cfg.bootstrap)
@@ -254,7 +262,14 @@ class Benchmark:
     @property
     def _auto(self) -> bool:
         """A setting stops by the cost model (threshold auto): even a timed run measures one at the start."""
-        return any(s.params.get("threshold") == "auto" for s in self.settings)
+        return any(s.params.get("threshold") == AUTO for s in self.settings)
+
+    def _refresh(self, dataset: str) -> None:
+        """Auto stops in a timed run at batch 1 are priced by the engine's own timings of the dataset as they come
+        in (kept in costs.json as "engine <dataset>"), starting from the probe's bare forwards."""
+        if self._auto and not self.prices and self.cfg.batch_size == 1:
+            self.stop_costs[dataset] = self.measured_costs[f"engine {dataset}"] = refreshed(
+                self.costs, [r for r in self.records if r["dataset"] == dataset])
 
     @functools.cached_property
     def _trace_key(self) -> dict:

@@ -52,6 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--settings", nargs="+", help="report only these settings (and the target-only baseline)")
+    ap.add_argument("--prompt-ids", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                    help="report only the generations of prompts FIRST..LAST (ids as the records number them)")
     ap.add_argument("--out", type=Path, help="also write the report here (markdown: the command, then the report)")
     ap.add_argument("--plot", type=Path, metavar="PREFIX",
                     help="also draw each dataset's speedups with their intervals to PREFIX_<dataset>.png")
@@ -74,6 +76,9 @@ def main() -> None:
         records = repriced(records, CostModel(1.0, *args.price))
     if args.settings:
         records = [r for r in records if r["policy"] == "target" or r["setting"] in args.settings]
+    if args.prompt_ids:
+        first, last = args.prompt_ids
+        records = [r for r in records if first <= r["prompt_id"] <= last]
     if args.price:  # what the seconds are, for the rate's unit and the figures' titles
         rate, basis = "tokens per target call's time", "priced at c {:g}, v {:g}, r {:g}".format(*args.price)
     elif priced:

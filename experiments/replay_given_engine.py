@@ -21,6 +21,8 @@ probability a_j = min(1, q_j(X_j) / p_j(X_j)) (p, q teacher-forced along X), ind
         --out docs/replay-given-engine-humaneval-fresh.md
     python experiments/replay_given_engine.py --dataset alpaca --offset 15 --prompts 15 --seeds 0 1 --draws 3 \
         --out-dir docs/records/replay-given-engine-alpaca --out docs/replay-given-engine-alpaca.md
+    python experiments/replay_given_engine.py --dataset gsm8k --offset 15 --prompts 15 --seeds 0 1 --draws 3 \
+        --out-dir docs/records/replay-given-engine-gsm8k --out docs/replay-given-engine-gsm8k.md
     python experiments/replay_given_engine.py --offset 15 --prompts 7 --seeds 0 1 --draws 4 --plain-seeds \
         --out-dir docs/records/replay-given-engine-humaneval-plain-seeds \
         --out docs/replay-given-engine-humaneval-plain-seeds.md

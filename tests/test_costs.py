@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from specdecpp.costs import (CostModel, fit_cost_model, gap_closed, measure_costs, refreshed, share_of_room,
-                             whatif)
+from specdecpp.costs import CostModel, fit_cost_model, gap_closed, measure_costs, refreshed, share_of_room, whatif
 from specdecpp.stats import GenerationStats, Round
 
 

@@ -106,17 +106,21 @@ def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, context: int 
                      round_cost=max(a / one - 1.0, 0.0))
 
 
-def fit_times(records: list[dict]) -> tuple[float, float, float] | None:
+def fit_times(records: list[dict], full_rank: bool = False) -> tuple[float, float, float] | None:
     """(t_draft, t_target, t_round) in seconds: T = t_draft N_draft + t_target N_target + t_round N_verify (the
     paper's two terms, plus what a target call that verifies drafts costs beyond a one-token call), fitted by least
     squares to each generation's decoding time (total minus the prompt prefill, which no policy changes). t_draft
     prices one drafted token: its draft step and its share of the verification (not free when the target is
     compute-bound, as on a CPU). Oracle rows are left out: their timing includes a lookahead they do not book.
-    None when nothing but the oracle drafted (target-only rows alone cannot tell the three costs apart)."""
+    None when nothing but the oracle drafted (target-only rows alone cannot tell the three costs apart), or, with
+    `full_rank`, when the counts cannot tell them apart (a least-squares split that is then arbitrary still
+    predicts the records' times, which is all `fit_cost_model` asks of it)."""
     rs = [r for r in records if r["policy"] != "oracle"]
     if not any(r["drafted"] for r in rs):
         return None
     x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
+    if full_rank and torch.linalg.matrix_rank(x) < 3:
+        return None
     y = torch.tensor([[r["total_s"] - r["prefill_s"]] for r in rs], dtype=torch.float64)
     t_draft, t_target, t_round = torch.linalg.lstsq(x, y).solution[:, 0].tolist()
     return t_draft, t_target, t_round
@@ -150,14 +154,10 @@ def refreshed(costs: CostModel, records: list[dict], min_records: int = 6) -> Co
     c + v lands in `draft` (verify 0), and r is clipped at 0. A bare forward misses what the engine adds (sampling
     over the vocabulary, the head, a draft step that feeds two tokens after a fully accepted round)."""
     rs = [r for r in records if r["policy"] != "oracle"]
-    if len(rs) < min_records or not any(r["policy"] == "target" for r in rs):
+    fit = fit_times(rs, full_rank=True) if len(rs) >= min_records and any(r["policy"] == "target" for r in rs) else None
+    if fit is None or fit[0] <= 0 or fit[1] <= 0:
         return costs
-    x = torch.tensor([[r["drafted"], r["target_calls"], verified_rounds(r)] for r in rs], dtype=torch.float64)
-    if torch.linalg.matrix_rank(x) < 3:
-        return costs
-    t_draft, t_target, t_round = fit_times(rs)
-    if t_draft <= 0 or t_target <= 0:
-        return costs
+    t_draft, t_target, t_round = fit
     return CostModel(target_s=t_target, draft=t_draft / t_target, verify=0.0, round_cost=max(t_round / t_target, 0.0))
 
 

@@ -146,7 +146,7 @@ class Benchmark:
         if self.costs is not None:
             self.measured_costs["end"] = measure_costs(self.pair.target, self.pair.draft)
         summary = summarize(self.records, self.cfg.bootstrap)
-        if self.cfg.mode == "engine" and self.cfg.batch_size == 1 and not self.cfg.priced:  # fit to wall times
+        if self._timed_singly:  # fit to wall times
             fit_cost_model(self.records, summary)
         for cb in self.callbacks:
             cb.on_end(self, summary)
@@ -264,12 +264,16 @@ class Benchmark:
         """A setting stops by the cost model (threshold auto): even a timed run measures one at the start."""
         return any(s.params.get("threshold") == AUTO for s in self.settings)
 
+    @property
+    def _timed_singly(self) -> bool:
+        """A timed engine run at batch 1: each record's wall time is its own generation's."""
+        return not self.prices and self.cfg.batch_size == 1
+
     def _refresh(self, dataset: str) -> None:
         """Auto stops in a timed run at batch 1 are priced by the engine's own timings of the dataset as they come
-        in (kept in costs.json as "engine <dataset>"), starting from the probe's bare forwards."""
-        if self._auto and not self.prices and self.cfg.batch_size == 1:
-            self.stop_costs[dataset] = self.measured_costs[f"engine {dataset}"] = refreshed(
-                self.costs, [r for r in self.records if r["dataset"] == dataset])
+        in (costs.json keeps the last as "engine <dataset>"), starting from the probe's bare forwards."""
+        if self._auto and self._timed_singly:
+            self.stop_costs[dataset] = refreshed(self.costs, [r for r in self.records if r["dataset"] == dataset])
 
     @functools.cached_property
     def _trace_key(self) -> dict:

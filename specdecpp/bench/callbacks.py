@@ -69,8 +69,10 @@ class JsonlWriter(Callback):
 
     @staticmethod
     def _write_costs(bench):
-        if bench.costs is not None:  # what priced the run, and what was measured at its start (and end)
-            costs = {"used": bench.costs, **bench.measured_costs}
+        if bench.costs is not None:  # what priced the run, what was measured at its start (and end), and the
+            # engine's own costs that priced a timed run's auto stops, per dataset
+            costs = {"used": bench.costs, **bench.measured_costs,
+                     **{f"engine {dataset}": c for dataset, c in bench.stop_costs.items()}}
             write_text(bench.out_dir / "costs.json", json.dumps({k: asdict(v) for k, v in costs.items()}, indent=2))
 
 

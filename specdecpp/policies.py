@@ -502,15 +502,19 @@ class SpecDecPP(RejectionRule):
     logit; any callable works (the trained `AcceptanceHead` is one). P^_j = sigmoid(head(.)) predicts
     P(Y_j accepted | Y_<j accepted). A hidden-state-only head (the paper's) scores Y_{i-1} when asked after Y_i
     (the one-token lag); a head with statistics scores Y_i itself. `online_lr` > 0 recalibrates the head's logit
-    online (a trained head that keeps itself calibrated when the prompts shift away from its training data).
+    online (a trained head that keeps itself calibrated when the prompts shift away from its training data);
+    with `persist` that fit carries over the generations this policy object decodes, as `OnlineConfidence`'s does.
     """
 
     name = "specdecpp"
     needs_hidden = True
 
     def __init__(self, head: Callable[..., torch.Tensor], threshold: float | str = 0.7, k_min: int = 2,
-                 k_max: int = 20, online_lr: float = 0.0):
-        super().__init__(threshold, k_min, k_max, OnlineCalibration(online_lr) if online_lr else None)
+                 k_max: int = 20, online_lr: float = 0.0, persist: bool = False):
+        if persist and not online_lr:
+            raise ValueError("specdecpp: persist carries the online recalibration over generations, so it needs "
+                             "online_lr > 0")
+        super().__init__(threshold, k_min, k_max, OnlineCalibration(online_lr) if online_lr else None, persist)
         self.head = head
         self.needs_stats = getattr(head, "n_stats", 0) > 0
 
@@ -539,7 +543,8 @@ class SpecDecPP(RejectionRule):
     @property
     def params(self) -> dict:
         online = {"online_lr": self.online.lr} if self.online is not None else {}
-        return {"threshold": self.threshold, **online, **super().params}
+        return {"threshold": self.threshold, **online, **({"persist": True} if self.persist else {}),
+                **super().params}
 
 
 class Ceiling(RejectionRule):

@@ -516,6 +516,30 @@ def test_prompt_offset_takes_later_prompts_keeps_their_ids_and_the_datasets_take
 
 
 
+def test_a_persistent_fit_carries_over_its_sets_generations_alike_in_engine_and_replay(tmp_path, tiny_head):
+    """A fit that persists sees each set's generations in the engine's order: the replay then books exactly what the
+    engine decoded (tiny fp32 models, greedy), and a set's fit never sees another set's outcomes."""
+    from specdecpp.bench.benchmark import _key
+
+    persistent = [PolicySpec("online_confidence", {"k_max": 6, "lr": 0.5, "persist": True}, {"threshold": [0.5]}),
+                  PolicySpec("specdecpp", {"k_min": 1, "k_max": 6, "online_lr": 0.5, "persist": True},
+                             {"threshold": [0.5]})]
+    runs = {}
+    for mode in ("engine", "replay"):
+        cfg = tiny_cfg(tmp_path / mode, tiny_head, prompts_per_dataset=3, max_new_tokens=12, mode=mode,
+                       datasets="[alpaca,gsm8k]", trace_batch_size=3)
+        cfg.policies = persistent
+        runs[mode] = bench = Benchmark(cfg, callbacks=[])
+        bench.run()
+        labels = [s.label for s in bench.settings if s.name != "target"]
+        assert sorted(bench._persistent) == sorted((label, d) for label in labels for d in ("alpaca", "gsm8k"))
+        for policy in bench._persistent.values():
+            assert (policy.online.a, policy.online.b) != (1.0, 0.0)  # each set's fit moved, and on its own
+    booked = {mode: {_key(r): (r["new_tokens"], r["target_calls"], r["drafted"], r["discarded"])
+                     for r in bench.records} for mode, bench in runs.items()}
+    assert booked["engine"] == booked["replay"] and len(booked["engine"]) == 2 * 3 * 3
+
+
 def test_pareto_figure_draws_every_policy_in_the_rows_each_in_its_own_colour():
     from specdecpp.plots import pareto_figure
 

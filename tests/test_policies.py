@@ -292,6 +292,28 @@ def test_per_position_calibration_recovers_a_known_model_and_persists_only_when_
         assert policy.params["per_position"] and policy.params.get("persist", False) == persist
 
 
+def test_specdecpp_online_recalibration_persists_only_when_asked():
+    from specdecpp.costs import CostModel
+
+    head = lambda hidden, stats=None: torch.tensor(3.0)  # noqa: E731 - a head sure of every token
+    head.n_stats = 3
+    token = DraftToken(prob=0.9, entropy=0.1, margin=0.8, hidden=torch.zeros(4))
+    for persist in (False, True):
+        policy = SpecDecPP(head, threshold="auto", k_min=1, online_lr=0.5, persist=persist)
+        policy.costs = CostModel(1.0, 0.1, 0.0)
+        policy.begin_round()
+        for i in range(1, 4):
+            policy.keep_drafting(i, token)
+        policy.end_round(3, 0)  # the first drafted token rejected: the fit moves away from the identity map
+        fitted = (policy.online.a, policy.online.b)
+        assert fitted != (1.0, 0.0)
+        policy.reset()
+        assert ((policy.online.a, policy.online.b) == fitted) == persist
+        assert policy.params.get("persist", False) == persist
+    with pytest.raises(ValueError, match="persist .* needs online_lr > 0"):
+        SpecDecPP(head, persist=True)
+
+
 def test_calibrated_probabilities_do_not_overflow_at_extreme_logits():
     """A refit on nearly separable outcomes can give a slope that puts a * z + b past 700 (a replay on the sibling
     pair died on it in math.exp): the probability saturates instead."""

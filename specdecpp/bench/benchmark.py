@@ -58,7 +58,7 @@ class Benchmark:
         # a timed engine run's auto stops: each dataset's costs refit from its timed generations (costs.refreshed)
         self.stop_costs: dict[str, CostModel] = {}
         self.records: list[dict] = []
-        self._persistent: dict[str, LengthPolicy] = {}
+        self._persistent: dict[tuple[str, str | None], LengthPolicy] = {}
         self._copied = False  # resume copied a finished run into out_dir: removed again if the resume is refused
 
     @property
@@ -77,15 +77,16 @@ class Benchmark:
             self.heads[head_dir].check_draft(self.pair.draft)
 
     def policy(self, setting: Setting, dataset: str | None = None) -> LengthPolicy:
-        """The setting's policy: a new object per generation unless it persists (its fit carries over the run's
-        generations, in the order the run decodes them), priced, when its threshold is auto, by the run's cost
-        model: in a timed engine run, the one refit from the dataset's timed generations so far."""
-        policy = self._persistent.get(setting.label)
+        """The setting's policy: a new object per generation unless it persists (its fit carries over the dataset's
+        generations, in the order the run decodes them: each set is its own workload), priced, when its threshold is
+        auto, by the run's cost model: in a timed engine run, the one refit from the dataset's timed generations so
+        far."""
+        policy = self._persistent.get((setting.label, dataset))
         if policy is None:
             policy = make_policy(setting.name, head=self.heads.get(setting.head_path(self.cfg.head)),
                                  **setting.policy_params)
-            if getattr(policy, "persist", False):
-                self._persistent[setting.label] = policy
+            if getattr(policy, "persist", False) and dataset is not None:  # not a warm-up's, nor a look at it
+                self._persistent[setting.label, dataset] = policy
         if hasattr(policy, "costs"):
             policy.costs = self.stop_costs.get(dataset, self.costs)
         return policy
@@ -122,7 +123,6 @@ class Benchmark:
             first = next(iter(self.prompts.values()))[: self.cfg.batch_size]
             for s in self.settings:
                 self.pair.generate(first, self.policy(s), self.sampling, max_new_tokens=4)
-            self._persistent.clear()  # a persistent fit starts with the run, not with the warm-up
         # the datasets take turns, batch by batch, so a run cut short has about as many prompts of each; a replay
         # takes them in the engine's order (at batch size 1), so a fit that persists across generations sees the
         # same sequence in both (a replay holds one batch of traces per dataset for it)

@@ -1,11 +1,13 @@
 """Each policy's setting chosen on dev prompts, reported on held-out test prompts (no tuning on test).
 
-Reads two benchmark run directories of the same sweep (summary.json, records.jsonl): --dev picks, per policy
+Reads benchmark run directories of the same sweep (summary.json, records.jsonl; one run of every set, or one run
+per set given together): --dev picks, per policy
 (a SpecDec++ head variant counts as its own policy), the setting with the best speedup; --test reports those
 settings with 95% bootstrap intervals over prompts, and the paired difference of each against the best constant K
 chosen the same way (interval over prompts of speedup(policy) - speedup(constant K), same prompts resampled).
 
     python experiments/dev_test_table.py --dev runs/replay-dev --test runs/replay --out docs/replay-results.md
+    python experiments/dev_test_table.py --dev runs/a-dev runs/b-dev --test runs/a runs/b   # one run per set
 """
 
 from __future__ import annotations
@@ -30,20 +32,29 @@ from specdecpp.plots import variant
 BOUNDS = ("oracle", "ceiling")  # hindsight and the true acceptance probabilities: bounds, not policies
 
 
-def load(run: Path, price: list[float] | None = None) -> tuple[list[dict], list[dict]]:
-    """A run's summary and records; with `price` (c, v, r) both recharged at that cost model (dev choices are then
-    made at it too)."""
-    records = read_run_records(run)
+def load(runs: list[Path], price: list[float] | None = None) -> tuple[list[dict], list[dict]]:
+    """The runs' summaries and records together (one run per set, or one run of every set); with `price` (c, v, r)
+    both recharged at that cost model (dev choices are then made at it too)."""
+    records = [r for run in runs for r in read_run_records(run)]
     if price is None:
-        return json.loads((run / "summary.json").read_text()), records
+        return [row for run in runs for row in json.loads((run / "summary.json").read_text())], records
     records = repriced(records, CostModel(1.0, *price))
     return summarize(records), records
 
 
+def merged(runs: list[Path], name: str) -> dict:
+    """The runs' per-set `name` files (signals.json) as one dict, or {} where none has it."""
+    return {k: v for run in runs if (run / name).is_file() for k, v in json.loads((run / name).read_text()).items()}
+
+
+def joined(runs: list[Path]) -> str:
+    return ", ".join(map(str, runs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dev", type=Path, required=True)
-    ap.add_argument("--test", type=Path, required=True)
+    ap.add_argument("--dev", type=Path, nargs="+", required=True, help="dev run(s): one of every set, or one per set")
+    ap.add_argument("--test", type=Path, nargs="+", required=True, help="test run(s), as --dev")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--price", nargs=3, type=float, metavar=("C", "V", "R"),
                     help="recharge dev and test at this cost model (draft step c, per scored token v, round cost r)")
@@ -64,7 +75,8 @@ def main() -> None:
     datasets = list(dict.fromkeys(r["dataset"] for r in test))
     priced = "at the runs' own cost model" if args.price is None else "priced at c {:g}, v {:g}, r {:g}".format(
         *args.price)
-    lines = [f"Settings chosen on {args.dev} (best dev speedup per policy), reported on {args.test}, {priced}: "
+    lines = [f"Settings chosen on {joined(args.dev)} (best dev speedup per policy), reported on {joined(args.test)}, "
+             f"{priced}: "
              f"speedup over target-only with its 95% bootstrap interval over prompts, then the paired difference to "
              f"the chosen constant K.\n",
              "| policy | chosen setting | " + " | ".join(f"{d} speedup | {d} vs constant K" for d in datasets) + " |",
@@ -124,7 +136,7 @@ def main() -> None:
                 continue
             cells = [paired_gap_closed(records, d, pick["setting"], per_set[d], top)[:2] for d in datasets]
             lines.append(f"| {v} | " + " | ".join(f"{x:+.0%} [{lo:+.0%}, {hi:+.0%}]" for x, (lo, hi) in cells) + " |")
-    lines += ["", f"All settings on {args.test} (speedup [95% interval], verification rate, discard rate per "
+    lines += ["", f"All settings on {joined(args.test)} (speedup [95% interval], verification rate, discard rate per "
               "token):", "",
               "| setting | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for setting in dict.fromkeys(r["setting"] for r in test):
@@ -135,20 +147,21 @@ def main() -> None:
             cells.append(f"{r['speedup']:.3f} [{lo:.3f}, {hi:.3f}], {r['verification_rate']:.3f}, "
                          f"{r['discard_rate']:.3f}")
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    whatif = args.test / "whatif.json"
-    if whatif.is_file():
+    for run in args.test:
+        whatif = run / "whatif.json"
+        if not whatif.is_file():
+            continue
         w = json.loads(whatif.read_text())
-        lines += ["", f"What if (counts of {args.test}, verify cost v = {w['verify_cost']:.3f} as measured): share "
+        lines += ["", f"What if (counts of {run}, verify cost v = {w['verify_cost']:.3f} as measured): share "
                   f"of the gap between the best constant K and the oracle closed by the best SpecDec++ setting "
                   f"(negative: below the best constant K), each policy's best setting picked on these prompts at each "
                   f"c:", "",
-                  "| dataset | " + " | ".join(w["datasets"][datasets[0]]["gap_closed"]) + " |",
-                  "|---|" + "---|" * len(w["datasets"][datasets[0]]["gap_closed"])]
-        for d in datasets:
+                  "| dataset | " + " | ".join(next(iter(w["datasets"].values()))["gap_closed"]) + " |",
+                  "|---|" + "---|" * len(next(iter(w["datasets"].values()))["gap_closed"])]
+        for d in w["datasets"]:
             lines.append(f"| {d} | " + " | ".join(f"{v:+.2f}" for v in w["datasets"][d]["gap_closed"].values()) + " |")
-    signals = args.test / "signals.json"
-    if signals.is_file():
-        sig = json.loads(signals.read_text())
+    sig = merged(args.test, "signals.json")
+    if sig:
         names = list(sig[datasets[0]]["auroc"])
         lines += ["", "AUROC for acceptance of the drafted token along the test traces (higher ranks better):",
                   "", "| dataset | positions (rejected) | " + " | ".join(names) + " |",

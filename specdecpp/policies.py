@@ -387,8 +387,8 @@ class PositionCalibration:
 
 def irls_fit(rows: list[tuple[float, int, float]], positions: int, l2: float, iterations: int,
              start: torch.Tensor) -> torch.Tensor:
-    """Newton-IRLS for the logistic model sigmoid(a z + b_i) on (z, i, label) rows, with a ridge penalty
-    l2 / 2 |theta - (1, 0, ..., 0)|^2; returns theta = (a, b_1..b_positions)."""
+    """Newton-IRLS with a backtracking line search for the logistic model sigmoid(a z + b_i) on (z, i, label) rows,
+    with a ridge penalty l2 / 2 |theta - (1, 0, ..., 0)|^2; returns theta = (a, b_1..b_positions)."""
     prior = torch.zeros(1 + positions, dtype=torch.float64)
     prior[0] = 1.0
     theta = start.clone()
@@ -399,11 +399,21 @@ def irls_fit(rows: list[tuple[float, int, float]], positions: int, l2: float, it
     x[:, 0] = data[:, 0]
     x[torch.arange(len(rows)), data[:, 1].long().clamp(max=positions)] = 1.0
     y = data[:, 2]
+    def loss(t: torch.Tensor) -> float:  # the penalized negative log-likelihood
+        s = x @ t
+        return float((torch.nn.functional.softplus(s) - y * s).sum() + l2 / 2 * ((t - prior) ** 2).sum())
+
     for _ in range(iterations):
         p = torch.sigmoid(x @ theta)
         grad = x.T @ (p - y) + l2 * (theta - prior)
         hess = x.T @ (x * (p * (1 - p))[:, None]) + l2 * torch.eye(1 + positions, dtype=torch.float64)
-        theta = theta - torch.linalg.solve(hess, grad)
+        step, size, before = torch.linalg.solve(hess, grad), 1.0, loss(theta)
+        # a full Newton step can overshoot far from the optimum (acceptance is not monotone in logit q at T = 1:
+        # a very unlikely drafted token is accepted when p >= q), and undamped refits diverged; halve it until the
+        # loss falls enough (Armijo), so each refit moves towards the penalized maximum likelihood
+        while loss(theta - size * step) > before - 1e-4 * size * float(grad @ step) and size > 1e-6:
+            size /= 2
+        theta = theta - size * step
     return theta
 
 

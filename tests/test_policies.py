@@ -314,6 +314,34 @@ def test_specdecpp_online_recalibration_persists_only_when_asked():
         SpecDecPP(head, persist=True)
 
 
+def test_per_position_refits_converge_where_acceptance_is_not_monotone_in_the_logit():
+    """At T = 1 a drafted token the draft thought very unlikely (q = 1e-6) is accepted when p >= q, so acceptance is
+    high at both ends of logit q: undamped Newton refits, warm-started round after round, diverged there (a slope of
+    -9,000, every prediction near 0 or 1) and a persistent fit stopped every round at one token. With the line search
+    every refit is the penalized maximum likelihood: each position's mean prediction is its observed rate."""
+    from specdecpp.policies import irls_fit
+
+    g = torch.Generator().manual_seed(1)
+    rows, theta = [], torch.tensor([1.0] + [0.0] * 8, dtype=torch.float64)
+    for r in range(1200):
+        for i in range(1, int(torch.randint(1, 4, (), generator=g)) + 1):
+            u = float(torch.rand((), generator=g))
+            q = 1 - 1e-6 if u < 0.5 else 1e-6 if u < 0.6 else float(torch.rand((), generator=g)) * 0.98 + 0.01
+            accept = 0.97 if q > 0.99 else 0.95 if q < 0.001 else 0.5 + 0.4 * q
+            y = float(torch.rand((), generator=g) < accept)
+            rows.append((math.log(q / (1 - q)), i, y))
+            if not y:
+                break
+        if (r + 1) % 8 == 0:
+            theta = irls_fit(rows, 8, 1.0, 5, theta)
+            assert theta.abs().max() < 20
+    z, pos, y = torch.tensor(rows, dtype=torch.float64).T
+    p = torch.sigmoid(theta[0] * z + theta[pos.long()])
+    for i in (1, 2, 3):
+        at = pos == i
+        assert float(p[at].mean()) == pytest.approx(float(y[at].mean()), abs=0.02)
+
+
 def test_calibrated_probabilities_do_not_overflow_at_extreme_logits():
     """A refit on nearly separable outcomes can give a slope that puts a * z + b past 700 (a replay on the sibling
     pair died on it in math.exp): the probability saturates instead."""

@@ -109,8 +109,9 @@ def main() -> None:
             lines.append(f"| {v} | " + " | ".join(f"{x:+.3f} [{lo:+.3f}, {hi:+.3f}]" for x, (lo, hi) in cells) + " |")
     # issue 38's goal: a threshold-free stop against the best dev-tuned setting of any policy (the tuned policy that
     # did best on test, a hindsight pick that favours the tuned side), as a ratio and a paired difference
-    tuned = [pick["setting"] for v, pick in chosen.items() if "auto" not in v.split(" ") and v not in BOUNDS]
-    free = [pick["setting"] for v, pick in chosen.items() if "auto" in v.split(" ") and v.split(" ")[0] not in BOUNDS]
+    policies = {v: pick["setting"] for v, pick in chosen.items() if v.split(" ")[0] not in BOUNDS}
+    tuned = [setting for v, setting in policies.items() if "auto" not in v.split(" ")]
+    free = [setting for v, setting in policies.items() if "auto" in v.split(" ")]
     if tuned and free:
         best = {d: fastest(records, d, tuned) for d in datasets}
         lines += ["", "Each threshold-free (`auto`) setting against the best dev-tuned setting of any policy on each "

@@ -403,17 +403,18 @@ def irls_fit(rows: list[tuple[float, int, float]], positions: int, l2: float, it
         s = x @ t
         return float((torch.nn.functional.softplus(s) - y * s).sum() + l2 / 2 * ((t - prior) ** 2).sum())
 
+    current = loss(theta)
     for _ in range(iterations):
         p = torch.sigmoid(x @ theta)
         grad = x.T @ (p - y) + l2 * (theta - prior)
         hess = x.T @ (x * (p * (1 - p))[:, None]) + l2 * torch.eye(1 + positions, dtype=torch.float64)
-        step, size, before = torch.linalg.solve(hess, grad), 1.0, loss(theta)
+        step, size = torch.linalg.solve(hess, grad), 1.0
         # a full Newton step can overshoot far from the optimum (acceptance is not monotone in logit q at T = 1:
         # a very unlikely drafted token is accepted when p >= q), and undamped refits diverged; halve it until the
         # loss falls enough (Armijo), so each refit moves towards the penalized maximum likelihood
-        while loss(theta - size * step) > before - 1e-4 * size * float(grad @ step) and size > 1e-6:
+        while (new := loss(theta - size * step)) > current - 1e-4 * size * float(grad @ step) and size > 1e-6:
             size /= 2
-        theta = theta - size * step
+        theta, current = theta - size * step, new
     return theta
 
 
